@@ -1,0 +1,130 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scattering_net import ScatteringNet, count_parameters, plan_blocks
+
+
+def matches_spec_rounding(n, text):
+    """True when n rounds to SPEC.md's figure, e.g. '3.98 B' means 3.975e9 <= n < 3.985e9."""
+    number, unit = text.split()
+    decimals = len(number.partition(".")[2])
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9}[unit]
+    return abs(n / scale - float(number)) <= 0.5 * 10 ** -decimals
+
+
+@pytest.mark.parametrize("n_blocks,L,channels,classifier_in", [
+    (2, 8, [3, 27, 243], 15_552),
+    (2, 4, [3, 15, 75], 4_800),
+    (3, 8, [3, 27, 243, 2_187], 34_992),
+    (3, 4, [3, 15, 75, 375], 6_000),
+])
+def test_channel_growth_table(n_blocks, L, channels, classifier_in):
+    plan = count_parameters(n_blocks, 3, 32, 10, L=L)
+    assert [b.in_channels for b in plan["blocks"]] + [plan["blocks"][-1].out_channels] == channels
+    assert plan["classifier_in"] == classifier_in
+
+
+def test_mixing_horizon_table():
+    # SPEC.md: block, C_in, dense wavelet params, horizon-27 wavelet params (K=7, L=8)
+    table = [(0, 3, "7.5 K", "7.5 K"), (1, 27, "607 K", "607 K"), (2, 243, "49 M", "5.5 M"),
+             (3, 2_187, "3.98 B", "49 M"), (4, 19_683, "322.7 B", "443 M")]
+    dense = plan_blocks(5, 3, 32, L=8, kernel_size=7)
+    horizon = plan_blocks(5, 3, 32, L=8, kernel_size=7, mixing_horizon=27)
+    for j, c_in, dense_text, horizon_text in table:
+        assert dense[j].in_channels == c_in
+        assert matches_spec_rounding(dense[j].wavelet_params, dense_text)
+        assert matches_spec_rounding(horizon[j].wavelet_params, horizon_text)
+    assert dense[3].wavelet_params == 3_984_213_177
+    assert dense[3].wavelet_params * 4 / 2 ** 30 == pytest.approx(14.8, abs=0.05)  # "~15 GB" of fp32
+    assert [b.groups for b in horizon] == [1, 1, 9, 81, 729]
+
+
+@pytest.mark.parametrize("gap,lowpass_last,channels,spec_millions", [
+    (False, False, 50_421, 2_470), (True, False, 50_421, 50.4), (False, True, 7_203, 353), (True, True, 7_203, 7.2),
+])
+def test_imagenet_classifier_table(gap, lowpass_last, channels, spec_millions):
+    plan = count_parameters(5, 3, 224, 1000, L=6, global_avg_pool=gap, lowpass_last=lowpass_last)
+    spatial = 1 if gap else 7
+    assert plan["classifier_channels"] == channels and plan["classifier_spatial"] == spatial
+    assert plan["n_params_classifier"] == channels * spatial ** 2 * 1000 + 1000
+    # the spec rounds 2,470.6 M down and 352.9 M up: agree to 0.1 %
+    assert plan["n_params_classifier"] / 1e6 == pytest.approx(spec_millions, rel=1e-3)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"modulus_type": "phase_relu"}, {"mixing_horizon": 3}, {"global_avg_pool": True},
+    {"lowpass_last": True}, {"global_avg_pool": True, "lowpass_last": True, "L": 4},
+])
+def test_analytic_count_equals_the_built_model(kwargs):
+    model = ScatteringNet(2, 3, 32, 10, **kwargs)
+    plan = count_parameters(2, 3, 32, 10, **kwargs)
+    assert sum(p.numel() for p in model.parameters()) == plan["n_params_total"]
+    assert sum(p.numel() for p in model.extractor_parameters()) == plan["n_params_extractor"]
+    assert sum(p.numel() for p in model.head_parameters()) == plan["n_params_head"]
+
+
+def test_forward_backward_and_features():
+    torch.manual_seed(0)
+    model = ScatteringNet(2, 3, 32, 10, L=4, modulus_type="phase_relu")
+    x = torch.randn(4, 3, 32, 32)
+    assert model.features(x).shape == (4, 75, 8, 8)
+    loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert model.blocks[0].psi_real.weight.grad.abs().sum() > 0
+
+
+def test_global_avg_pool_and_lowpass_last():
+    x = torch.randn(2, 3, 32, 32)
+    model = ScatteringNet(2, 3, 32, 10, L=4, global_avg_pool=True, lowpass_last=True)
+    assert model.features(x).shape == (2, 15, 8, 8)
+    assert model.classifier.in_features == 15 and model(x).shape == (2, 10)
+
+
+def test_frozen_extractor_and_head_split():
+    model = ScatteringNet(2, 3, 32, 10, learnable=False)
+    assert not any(p.requires_grad for p in model.extractor_parameters())
+    assert all(p.requires_grad for p in model.head_parameters())
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert names == {"bn.weight", "bn.bias", "classifier.weight", "classifier.bias"}
+
+
+def test_describe_one_line_per_block():
+    lines = ScatteringNet(3, 3, 32, 10, L=8, mixing_horizon=27).describe()
+    assert lines[0] == "block 0: 3 -> 27 channels, 32x32 -> 16x16, 7,605 params (7,497 wavelet), dense"
+    assert lines[2].startswith("block 2: 243 -> 2,187 channels, 8x8 -> 4x4,")
+    assert lines[2].endswith("grouped (9 groups of 27)")
+    assert lines[3].startswith("head: BatchNorm2d(2,187) -> Linear(34,992 -> 10)")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"in_spatial": 30}, "in_spatial=30 is not divisible by 2**n_blocks=4: each block halves the resolution"),
+    ({"n_blocks": 0}, "n_blocks must be a positive integer, got 0"),
+    ({"nb_classes": 0}, "nb_classes must be a positive integer, got 0"),
+    ({"mixing_horizon": 4}, "mixing_horizon=4 does not divide in_channels=27; valid values: [1, 3, 9, 27] "
+                            "(or any value >= 27 for dense)"),
+    ({"padding_mode": "wrap"}, "padding_mode must be one of ('zeros', 'reflect', 'replicate', 'circular'), got 'wrap'"),
+])
+def test_impossible_configurations(kwargs, message):
+    args = {"n_blocks": 2, "in_channels": 3, "in_spatial": 32, "nb_classes": 10, **kwargs}
+    with pytest.raises(ValueError) as e:
+        ScatteringNet(**args)
+    assert str(e.value) == message
+
+
+def test_wrong_input_shape():
+    with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, 32, 32\), got \(1, 3, 28, 28\)"):
+        ScatteringNet(2, 3, 32, 10)(torch.randn(1, 3, 28, 28))
+
+
+def test_cli_prints_plan_and_rejects_bad_sizes():
+    ok = subprocess.run([sys.executable, "scattering_net.py", "--n-blocks", "5", "--L", "6", "--in-spatial", "224",
+                         "--nb-classes", "1000", "--global-avg-pool", "--lowpass-last"], capture_output=True, text=True)
+    assert ok.returncode == 0 and "7,203 inputs, 7,204,000 params" in ok.stdout
+    bad = subprocess.run([sys.executable, "scattering_net.py", "--in-spatial", "30"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines() == ["error: in_spatial=30 is not divisible by 2**n_blocks=4: "
+                                               "each block halves the resolution"]

@@ -1,0 +1,196 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import wavelet_kernels as wk
+from spatial_scattering import ScatteringBlock, block_parameter_count, compose_downsampling, mixing_groups
+
+
+def reference_forward(block, x):
+    """The spec's data flow with the block's own modules, one step at a time (no fusion)."""
+    S0 = block.phi_pool(block.phi_conv(x))
+    if block.lowpass_only:
+        return S0
+    re, im = block.psi_pool(block.psi_real(x)), block.psi_pool(block.psi_imag(x))
+    if block.modulus_type == "complex_modulus":
+        S1 = torch.sqrt(re ** 2 + im ** 2)
+    else:
+        B, CL, H, W = re.shape
+        phases = torch.stack([F.relu(re), F.relu(-re), F.relu(im), F.relu(-im)], dim=2)
+        S1 = block.phase_collapse(phases.reshape(B, 4 * CL, H, W))
+    return torch.cat([S0, S1], dim=1)
+
+
+def per_channel_scattering(x, L, K, padding_mode="zeros"):
+    """J=1 scattering of each channel separately from the NumPy filter bank (groups=C conv)."""
+    bank = wk.filter_bank(L, K)
+    C = x.shape[1]
+    psi = torch.as_tensor(bank["psi"]).to(torch.complex128 if x.dtype == torch.float64 else torch.complex64)
+    phi = torch.as_tensor(bank["phi"], dtype=x.dtype)
+    pad = K // 2
+    xp = F.pad(x, (pad,) * 4, mode="constant" if padding_mode == "zeros" else padding_mode)
+    S0 = F.avg_pool2d(F.conv2d(xp, phi.expand(C, 1, K, K), groups=C), 2)
+    w_re = psi.real.to(x.dtype).repeat(C, 1, 1).unsqueeze(1)  # (L, K, K) -> (C*L, 1, K, K)
+    w_im = psi.imag.to(x.dtype).repeat(C, 1, 1).unsqueeze(1)
+    re = F.avg_pool2d(F.conv2d(xp, w_re, groups=C), 2)
+    im = F.avg_pool2d(F.conv2d(xp, w_im, groups=C), 2)
+    return S0, torch.sqrt(re ** 2 + im ** 2)
+
+
+@pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
+@pytest.mark.parametrize("C,L", [(3, 8), (5, 4)])
+def test_shapes_and_channels(modulus_type, C, L):
+    block = ScatteringBlock(C, L=L, modulus_type=modulus_type)
+    out = block(torch.randn(2, C, 16, 12))
+    assert out.shape == (2, C * (1 + L), 8, 6) and block.out_channels == C * (1 + L)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("mixing_horizon", [None, 1, 2])
+@pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
+def test_fused_forward_equals_step_by_step(padding_mode, mixing_horizon, modulus_type):
+    torch.manual_seed(0)
+    block = ScatteringBlock(4, L=3, kernel_size=5, modulus_type=modulus_type, mixing_horizon=mixing_horizon,
+                            padding_mode=padding_mode).double()
+    with torch.no_grad():  # move away from the structured init so every weight matters
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 4, 10, 14, dtype=torch.float64)
+    torch.testing.assert_close(block(x), reference_forward(block, x), rtol=1e-10, atol=1e-10)
+
+
+def test_compose_downsampling_is_conv_then_pool():
+    torch.manual_seed(0)
+    w, d = torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randn(6, 1, 2, 2, dtype=torch.float64)
+    x = torch.randn(1, 2, 9, 9, dtype=torch.float64)
+    two_step = F.conv2d(F.conv2d(x, w), d, stride=2, groups=6)
+    torch.testing.assert_close(F.conv2d(x, compose_downsampling(w, d), stride=2), two_step)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+@pytest.mark.parametrize("mixing_horizon", [None, 1, 3])
+def test_init_is_a_per_channel_scattering_transform(padding_mode, mixing_horizon):
+    x = torch.randn(2, 6, 16, 16, dtype=torch.float64)
+    block = ScatteringBlock(6, L=8, kernel_size=7, mixing_horizon=mixing_horizon, padding_mode=padding_mode).double()
+    S0, S1 = per_channel_scattering(x, 8, 7, padding_mode)
+    # the filters were stored as float32 before .double(): agreement to ~1e-8
+    torch.testing.assert_close(block(x), torch.cat([S0, S1], 1), rtol=1e-5, atol=1e-7)
+
+
+def test_block_diagonal_init_has_zero_off_diagonal_planes():
+    block = ScatteringBlock(3, L=2, kernel_size=3)
+    w = block.psi_real.weight.detach()  # (C*L, C, K, K)
+    for o in range(6):
+        for c in range(3):
+            assert (w[o, c].abs().sum() > 0) == (o // 2 == c)
+    torch.testing.assert_close(block.phi_pool.weight, torch.full((3, 1, 2, 2), 0.25))
+
+
+def test_phase_relu_at_init_is_within_sqrt2_of_the_modulus():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    modulus = ScatteringBlock(3, modulus_type="complex_modulus")(x)[:, 3:]
+    phase = ScatteringBlock(3, modulus_type="phase_relu")(x)[:, 3:]
+    assert (phase >= modulus / math.sqrt(2) - 1e-6).all() and (phase <= modulus + 1e-6).all()
+    assert (phase - modulus).abs().max() > 1e-3  # it is an approximation, not the same function
+
+
+@pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_gradcheck_float64(modulus_type, padding_mode):
+    torch.manual_seed(0)
+    block = ScatteringBlock(2, L=2, kernel_size=3, modulus_type=modulus_type, padding_mode=padding_mode).double()
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x,))
+
+
+def test_gradcheck_wrt_the_filters():
+    torch.manual_seed(0)
+    block = ScatteringBlock(2, L=2, kernel_size=3, mixing_horizon=1).double()
+    x = torch.randn(1, 2, 6, 6, dtype=torch.float64)
+    names = ["phi_conv.weight", "psi_real.weight", "psi_imag.weight", "psi_pool.weight"]
+    params = tuple(dict(block.named_parameters())[n].detach().clone().requires_grad_() for n in names)
+
+    def f(*p):
+        return torch.func.functional_call(block, dict(zip(names, p)), (x,))
+    assert torch.autograd.gradcheck(f, params)
+
+
+@pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
+def test_gradients_are_finite_at_zero_input(modulus_type):
+    block = ScatteringBlock(3, modulus_type=modulus_type)
+    x = torch.zeros(2, 3, 8, 8, requires_grad=True)
+    block(x).sum().backward()
+    grads = [x.grad] + [p.grad for p in block.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_learnable_flag():
+    assert all(p.requires_grad for p in ScatteringBlock(3, learnable=True).parameters())
+    frozen = ScatteringBlock(3, learnable=False, modulus_type="phase_relu")
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert not frozen(torch.randn(1, 3, 8, 8)).requires_grad
+
+
+def test_mixing_horizon_groups_and_parameter_counts():
+    assert mixing_groups(27, None) == 1 and mixing_groups(27, 27) == 1 and mixing_groups(27, 100) == 1
+    assert mixing_groups(243, 27) == 9 and mixing_groups(243, 1) == 243
+    block = ScatteringBlock(12, L=2, kernel_size=3, mixing_horizon=4)
+    assert block.psi_real.groups == 3 and block.psi_real.weight.shape == (24, 4, 3, 3)
+    assert block.phi_conv.weight.shape == (12, 4, 3, 3)
+    for kwargs in ({}, {"mixing_horizon": 4}, {"modulus_type": "phase_relu"}, {"lowpass_only": True}):
+        b = ScatteringBlock(12, L=2, kernel_size=3, **kwargs)
+        assert sum(p.numel() for p in b.parameters()) == block_parameter_count(12, 2, 3, **kwargs)
+
+
+def test_mixing_horizon_that_does_not_divide_lists_valid_values():
+    with pytest.raises(ValueError, match=r"mixing_horizon=5 does not divide in_channels=12; "
+                                         r"valid values: \[1, 2, 3, 4, 6, 12\]"):
+        ScatteringBlock(12, mixing_horizon=5)
+
+
+def test_lowpass_only_returns_S0():
+    x = torch.randn(2, 3, 16, 16)
+    full = ScatteringBlock(3)
+    low = ScatteringBlock(3, lowpass_only=True)
+    assert not hasattr(low, "psi_real") and low.out_channels == 3
+    torch.testing.assert_close(low(x), full(x)[:, :3])
+
+
+def test_state_dict_round_trip_keeps_spec_names():
+    torch.manual_seed(0)
+    a = ScatteringBlock(3, L=4, modulus_type="phase_relu")
+    with torch.no_grad():
+        a.psi_real.weight.add_(torch.randn_like(a.psi_real.weight))
+    sd = a.state_dict()
+    assert {"phi_conv.weight", "psi_real.weight", "psi_imag.weight", "phase_collapse.weight"} <= set(sd)
+    b = ScatteringBlock(3, L=4, modulus_type="phase_relu")
+    b.load_state_dict(sd)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(a(x), b(x))
+    torch.testing.assert_close(a.phase_collapse.weight, torch.full((12, 4, 1, 1), 1 / math.sqrt(2)))
+
+
+def test_batch_shape_independence():
+    block = ScatteringBlock(3, L=4)
+    x = torch.randn(5, 3, 16, 16)
+    torch.testing.assert_close(block(x)[2:3], block(x[2:3]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"modulus_type": "abs"}, "modulus_type must be one of ('complex_modulus', 'phase_relu'), got 'abs'"),
+    ({"padding_mode": "mirror"}, "padding_mode must be one of ('zeros', 'reflect', 'replicate', 'circular'), got 'mirror'"),
+    ({"kernel_size": 4}, "kernel size K must be a positive odd integer (the grid is centred on 0), got 4"),
+    ({"L": 0}, "number of orientations L must be an integer >= 1, got 0"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        ScatteringBlock(3, **kwargs)
+    assert str(e.value) == message
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, M, N\), got \(2, 4, 8, 8\)"):
+        ScatteringBlock(3)(torch.randn(2, 4, 8, 8))
