@@ -1,0 +1,407 @@
+"""Datasets, stratified subsets and the two input pipelines.
+
+    python -c "import data; tr, te, info = data.load_dataset('synthetic', './data'); print(info.name, tr[0].shape)"
+    # -> synthetic torch.Size([4000, 3, 32, 32])
+
+Two pipelines draw from the same augmentation distribution (SPEC.md, "Data augmentation"):
+
+- ``TensorLoader``: the whole uint8 dataset as one tensor on the training
+  device; crop, flip and normalisation are applied per batch on that device.
+  No workers, no host-to-device copies. For the sets that fit in memory.
+- ``torch.utils.data.DataLoader`` over torchvision transforms, with workers
+  and pinned memory: the only path for ImageNet, and the reference for the
+  fast path's tests.
+"""
+import gzip
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+DATASETS = ("cifar10", "fashion-mnist", "mnist", "synthetic", "imagenet")
+IN_MEMORY = ("cifar10", "fashion-mnist", "mnist", "synthetic")
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+SYNTHETIC_SIZES = {"train": 4000, "test": 1000}
+IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # the usual 0.875 centre-crop ratio
+
+
+class DatasetError(Exception):
+    """A dataset cannot be found or built; the message says what was looked for and where."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    in_channels: int
+    spatial: int
+    nb_classes: int
+    mean: tuple
+    std: tuple
+    crop_padding: int  # RandomCrop(spatial, padding=crop_padding); 0 for ImageNet (RandomResizedCrop)
+    flip: bool
+
+
+# Per-channel means and standard deviations of the training images in [0, 1].
+# 28 x 28 sets pad crops by 2 (a 32 x 32 set's 4, scaled) and are not flipped:
+# MNIST digits are not mirror-symmetric, and Fashion-MNIST's classes are
+# already centred and left-right balanced. Synthetic textures are classified
+# by orientation, which a flip changes (theta -> pi - theta), so no flip.
+INFO = {
+    "cifar10": DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True),
+    "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), 2, False),
+    "mnist": DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), 2, False),
+    "synthetic": DatasetInfo("synthetic", 3, 32, 10, (0.5, 0.5, 0.5), (0.19, 0.19, 0.19), 4, False),
+    "imagenet": DatasetInfo("imagenet", 3, IMAGENET_CROP, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 0, True),
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def synthetic_textures(n, seed, spatial=32, nb_classes=10):
+    """Oriented gratings: class k has orientation k*pi/nb_classes; frequency, phase, colour and noise vary.
+
+    Returns uint8 images (n, 3, spatial, spatial) and int64 labels (n,), a
+    deterministic function of (n, seed). Orientation is what a bank of
+    oriented wavelets followed by a modulus measures, so a scattering
+    network separates the classes while a per-pixel linear model cannot.
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % nb_classes
+    rng.shuffle(labels)
+    theta = labels * np.pi / nb_classes + rng.normal(0, 0.04, n)
+    freq = rng.uniform(0.7, 1.4, n)  # radians per pixel
+    phase = rng.uniform(0, 2 * np.pi, n)
+    x, y = np.mgrid[:spatial, :spatial].astype(np.float64)
+    along = x[None] * np.cos(theta)[:, None, None] + y[None] * np.sin(theta)[:, None, None]
+    grating = np.sin(freq[:, None, None] * along + phase[:, None, None])  # (n, S, S)
+    colour = rng.uniform(0.3, 1.0, (n, 3))
+    images = 0.5 + 0.3 * colour[:, :, None, None] * grating[:, None] + rng.normal(0, 0.12, (n, 3, spatial, spatial))
+    images = np.clip(np.round(images * 255), 0, 255).astype(np.uint8)
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def _read_idx(path):
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _find_idx(folder):
+    """Paths of the four idx files in folder (plain or .gz), or None if any is missing."""
+    found = {}
+    for split, names in IDX_FILES.items():
+        for name in names:
+            hits = [os.path.join(folder, name + ext) for ext in ("", ".gz") if os.path.isfile(os.path.join(folder, name + ext))]
+            if not hits:
+                return None
+            found[name] = hits[0]
+    return found
+
+
+def _mnist_like(name, data_dir):
+    torchvision_name = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}[name]
+    folders = [data_dir, os.path.join(data_dir, name), os.path.join(data_dir, torchvision_name, "raw")]
+    if name == "fashion-mnist":
+        folders.append(DEBIAN_FASHION_MNIST)
+    files = next((f for f in map(_find_idx, folders) if f), None)
+    if files is None:
+        download_error = _download(torchvision_name, data_dir)
+        files = _find_idx(folders[2])
+        if files is None:
+            hint = " (on Debian: apt-get install dataset-fashion-mnist)" if name == "fashion-mnist" else ""
+            raise DatasetError(f"{name}: the idx files ({', '.join(n for v in IDX_FILES.values() for n in v)}, "
+                               f"optionally .gz) are not in any of {folders}, and the download failed: "
+                               f"{download_error}{hint}")
+    splits = {}
+    for split, (images, labels) in IDX_FILES.items():
+        x = torch.from_numpy(_read_idx(files[images]).copy()).unsqueeze(1)  # (N, 28, 28) -> (N, 1, 28, 28)
+        splits[split] = (x, torch.from_numpy(_read_idx(files[labels]).astype(np.int64)))
+    return splits["train"], splits["test"]
+
+
+def _download(torchvision_name, data_dir):
+    """Try torchvision's downloader; return the error text, or None on success."""
+    import torchvision
+    try:
+        getattr(torchvision.datasets, torchvision_name)(data_dir, train=True, download=True)
+        getattr(torchvision.datasets, torchvision_name)(data_dir, train=False, download=True)
+    except Exception as e:  # offline, blocked, or disk errors all mean "not available"
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+
+
+def _cifar10(data_dir):
+    import torchvision
+    folder = os.path.join(data_dir, "cifar-10-batches-py")
+    missing = [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        error = _download("CIFAR10", data_dir)
+        if error:
+            raise DatasetError(f"cifar10: {', '.join(missing)} not found in {folder}, and the download failed "
+                               f"({error}); put the extracted cifar-10-batches-py folder under --data-dir")
+    splits = []
+    for train in (True, False):
+        ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=False)
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+        splits.append((x, torch.tensor(ds.targets, dtype=torch.int64)))
+    return splits[0], splits[1]
+
+
+def _imagenet(data_dir, info):
+    import torchvision
+    import torchvision.transforms as T
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_dir, split)):
+            raise DatasetError(f"imagenet: no folder {os.path.join(data_dir, split)}; --data-dir must contain "
+                               f"train/ and val/, one sub-folder per class")
+    normalize = T.Normalize(info.mean, info.std)
+    train_tf = T.Compose([T.RandomResizedCrop(info.spatial), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    val_tf = T.Compose([T.Resize(IMAGENET_RESIZE), T.CenterCrop(info.spatial), T.ToTensor(), normalize])
+    return (torchvision.datasets.ImageFolder(os.path.join(data_dir, "train"), train_tf),
+            torchvision.datasets.ImageFolder(os.path.join(data_dir, "val"), val_tf))
+
+
+def load_dataset(name, data_dir, seed=0):
+    """(train, test, info). In-memory sets give (uint8 images (N, C, H, W), int64 labels); ImageNet gives ImageFolders."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose from {DATASETS}")
+    info = INFO[name]
+    if name == "synthetic":
+        return (synthetic_textures(SYNTHETIC_SIZES["train"], seed), synthetic_textures(SYNTHETIC_SIZES["test"], seed + 1),
+                info)
+    if name == "imagenet":
+        return (*_imagenet(data_dir, info), info)
+    train, test = _cifar10(data_dir) if name == "cifar10" else _mnist_like(name, data_dir)
+    return train, test, info
+
+
+def dataset_labels(dataset):
+    """Labels of an in-memory (images, labels) pair or an ImageFolder, as an int64 tensor."""
+    if isinstance(dataset, tuple):
+        return dataset[1]
+    return torch.tensor(dataset.targets, dtype=torch.int64)
+
+
+# ----------------------------------------------------------------------------- subsets
+
+def parse_train_size(text):
+    """'0.1' -> 0.1 (a fraction), '5000' -> 5000 (a count), None -> None (everything)."""
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise DatasetError(f"--train-size must be a fraction like 0.1 or a count like 5000, got {text!r}") from None
+
+
+def stratified_subset(labels, train_size, seed=0):
+    """Indices of a class-stratified subset, sorted; the same for the same (labels, train_size, seed).
+
+    train_size: None (all), a float fraction in (0, 1] or an int count in
+    [1, N]. Each class keeps its share of the total: counts are the exact
+    quotas rounded by largest remainder, so they sum to the requested size.
+    """
+    n = len(labels)
+    if train_size is None:
+        return torch.arange(n)
+    if isinstance(train_size, float):
+        if not 0 < train_size <= 1:
+            raise DatasetError(f"--train-size fraction must be in (0, 1], got {train_size}")
+        total = max(1, round(train_size * n))
+    else:
+        if not 1 <= train_size <= n:
+            raise DatasetError(f"--train-size count must be between 1 and the dataset size {n}, got {train_size}")
+        total = train_size
+    classes, counts = torch.unique(labels, return_counts=True)
+    quota = counts.double() * total / n
+    take = quota.floor().long()
+    remainder_order = torch.argsort(quota - take, descending=True, stable=True)
+    take[remainder_order[:total - int(take.sum())]] += 1
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c, k in zip(classes, take):
+        members = torch.nonzero(labels == c).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=g)[:int(k)]])
+    return torch.cat(chosen).sort().values
+
+
+# ----------------------------------------------------------------------------- fast path
+
+def random_crop_flip(images, padding, flip, generator=None):
+    """Per-sample RandomCrop(size, padding) with zero fill, then RandomHorizontalFlip(0.5), on any device.
+
+    images: (B, C, H, W). Offsets are uniform in [0, 2*padding] on each
+    axis, as torchvision's RandomCrop draws them.
+    """
+    B, C, H, W = images.shape
+    device = images.device
+    if padding:
+        padded = F.pad(images, (padding,) * 4)  # (B, C, H, W) -> (B, C, H+2p, W+2p)
+        dy = torch.randint(0, 2 * padding + 1, (B,), device=device, generator=generator)
+        dx = torch.randint(0, 2 * padding + 1, (B,), device=device, generator=generator)
+        rows = (dy[:, None] + torch.arange(H, device=device))[:, None, :, None]  # (B, 1, H, 1)
+        cols = (dx[:, None] + torch.arange(W, device=device))[:, None, None, :]  # (B, 1, 1, W)
+        batch = torch.arange(B, device=device)[:, None, None, None]
+        channel = torch.arange(C, device=device)[None, :, None, None]
+        images = padded[batch, channel, rows, cols]  # gather the crops: (B, C, H, W)
+    if flip:
+        mirror = torch.rand(B, device=device, generator=generator) < 0.5
+        images = torch.where(mirror[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+class TensorLoader:
+    """Batches of an in-memory uint8 dataset held on the training device.
+
+    Shuffles per epoch (``set_epoch``), shards across ranks like
+    ``DistributedSampler`` (training: padded to equal shards; evaluation:
+    disjoint shards with no sample twice), augments on the device and
+    normalises to float32.
+    """
+
+    def __init__(self, images, labels, info, batch_size, device, train, seed=0, rank=0, world_size=1):
+        self.images = images.to(device)
+        self.labels = labels.to(device)
+        self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1) * 255  # (C,) -> (1, C, 1, 1)
+        self.std = torch.tensor(info.std, device=device).view(1, -1, 1, 1) * 255
+        self.info, self.batch_size, self.device, self.train = info, batch_size, torch.device(device), train
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        self.generator = torch.Generator(device=self.device)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _indices(self):
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(self.rank, n, self.world_size, device=self.device)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(n, generator=g)
+        per_rank = math.ceil(n / self.world_size)
+        order = torch.cat([order, order[:per_rank * self.world_size - n]])  # pad so every rank has per_rank
+        return order[self.rank::self.world_size].to(self.device)
+
+    def __len__(self):
+        n = len(self.labels)
+        per_rank = math.ceil(n / self.world_size) if self.train else len(range(self.rank, n, self.world_size))
+        return math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch * 101 + self.rank)
+        for batch in self._indices().split(self.batch_size):
+            x = self.images[batch].float()
+            if self.train:
+                x = random_crop_flip(x, self.info.crop_padding, self.info.flip, self.generator)
+            yield (x - self.mean) / self.std, self.labels[batch]
+
+
+# ----------------------------------------------------------------------------- DataLoader path
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """(uint8 images, labels) through torchvision transforms, one sample at a time."""
+
+    def __init__(self, images, labels, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def torchvision_transforms(info, train):
+    """The spec's augmentation table as torchvision transforms on uint8 tensors."""
+    import torchvision.transforms as T
+    steps = []
+    if train and info.crop_padding:
+        steps.append(T.RandomCrop(info.spatial, padding=info.crop_padding))
+    if train and info.flip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ConvertImageDtype(torch.float32), T.Normalize(info.mean, info.std)]
+    return T.Compose(steps)
+
+
+class EpochDataLoader:
+    """A DataLoader whose sampler is told the epoch (shuffling under DDP differs per epoch)."""
+
+    def __init__(self, dataset, batch_size, train, workers, device, seed=0, rank=0, world_size=1):
+        self.sampler, self.generator, self.seed = None, torch.Generator().manual_seed(seed), seed
+        if world_size > 1 and train:
+            self.sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
+        elif world_size > 1:  # disjoint shards: DistributedSampler would repeat samples to even them out
+            dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+        elif train:
+            self.sampler = torch.utils.data.RandomSampler(dataset, generator=self.generator)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
+            pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0, drop_last=False)
+
+    def set_epoch(self, epoch):
+        """Shuffle as a function of (seed, epoch), so that a resumed run repeats an uninterrupted one."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(self.seed + epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+@dataclass
+class Loaders:
+    train: object  # TensorLoader or EpochDataLoader, both with set_epoch()
+    val: object
+    info: DatasetInfo
+    n_train: int  # images in the (subset of the) training set
+    n_val: int
+
+
+def build_loaders(name, data_dir, train_size, batch_size, device, fast_path=None, workers=4, seed=0, rank=0,
+                  world_size=1):
+    """Train and validation loaders (per-rank batch_size) with the dataset's facts, as ``Loaders``.
+
+    fast_path None: on for the in-memory datasets (on CPU too, where it is
+    faster than worker processes for these small images), off for ImageNet.
+    The subset depends only on (dataset, train_size, seed), so every rank
+    draws the same one.
+    """
+    train, test, info = load_dataset(name, data_dir, seed)
+    subset = stratified_subset(dataset_labels(train), train_size, seed)
+    if fast_path is None:
+        fast_path = name in IN_MEMORY
+    if fast_path and name not in IN_MEMORY:
+        raise DatasetError(f"the in-memory fast path supports {IN_MEMORY}, not {name}")
+    n_val = len(dataset_labels(test))
+    if name == "imagenet":
+        train_ds, test_ds = torch.utils.data.Subset(train, subset.tolist()), test
+    elif fast_path:
+        train = (train[0][subset], train[1][subset])
+        return Loaders(TensorLoader(*train, info, batch_size, device, True, seed, rank, world_size),
+                       TensorLoader(*test, info, batch_size, device, False, seed, rank, world_size),
+                       info, len(subset), n_val)
+    else:
+        train_ds = TensorImageDataset(train[0][subset], train[1][subset], torchvision_transforms(info, train=True))
+        test_ds = TensorImageDataset(*test, torchvision_transforms(info, train=False))
+    return Loaders(EpochDataLoader(train_ds, batch_size, True, workers, device, seed, rank, world_size),
+                   EpochDataLoader(test_ds, batch_size, False, workers, device, seed, rank, world_size),
+                   info, len(subset), n_val)

@@ -1,0 +1,190 @@
+import gzip
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import data
+
+N_DRAWS = 4000  # augmentation samples per path; 25 crop offsets -> 160 expected per offset
+
+
+def test_stratified_fraction_keeps_class_proportions_exactly():
+    labels = torch.arange(1000) % 10
+    labels[:300] = 0  # unbalanced: class 0 has 300 + 70 samples
+    idx = data.stratified_subset(labels, 0.1, seed=0)
+    counts = torch.bincount(labels[idx], minlength=10)
+    expected = torch.bincount(labels, minlength=10).double() * 0.1
+    assert len(idx) == 100 and (counts - expected).abs().max() <= 1
+    assert len(set(idx.tolist())) == 100
+
+
+def test_stratified_count_sums_exactly_and_is_repeatable():
+    labels = torch.arange(997) % 7
+    idx = data.stratified_subset(labels, 500, seed=3)
+    assert len(idx) == 500
+    assert torch.equal(idx, data.stratified_subset(labels, 500, seed=3))
+    assert not torch.equal(idx, data.stratified_subset(labels, 500, seed=4))
+    quota = torch.bincount(labels).double() * 500 / 997
+    assert (torch.bincount(labels[idx]) - quota).abs().max() < 1
+
+
+def test_full_set_and_parse():
+    assert torch.equal(data.stratified_subset(torch.zeros(5, dtype=torch.long), None), torch.arange(5))
+    assert data.parse_train_size("0.1") == 0.1 and data.parse_train_size("5000") == 5000
+    assert data.parse_train_size("1.0") == 1.0 and data.parse_train_size(None) is None
+
+
+@pytest.mark.parametrize("size,message", [
+    (0, "--train-size count must be between 1 and the dataset size 100, got 0"),
+    (-5, "--train-size count must be between 1 and the dataset size 100, got -5"),
+    (101, "--train-size count must be between 1 and the dataset size 100, got 101"),
+    (1.5, "--train-size fraction must be in (0, 1], got 1.5"),
+    (0.0, "--train-size fraction must be in (0, 1], got 0.0"),
+])
+def test_subset_errors(size, message):
+    with pytest.raises(data.DatasetError) as e:
+        data.stratified_subset(torch.arange(100) % 10, size)
+    assert str(e.value) == message
+
+
+def test_parse_error():
+    with pytest.raises(data.DatasetError, match="--train-size must be a fraction like 0.1 or a count like 5000, got 'ten'"):
+        data.parse_train_size("ten")
+
+
+def test_synthetic_is_deterministic_and_balanced():
+    a, b = data.synthetic_textures(200, seed=1), data.synthetic_textures(200, seed=1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], data.synthetic_textures(200, seed=2)[0])
+    assert a[0].shape == (200, 3, 32, 32) and a[0].dtype == torch.uint8
+    assert torch.bincount(a[1]).tolist() == [20] * 10
+
+
+def position_image(H=8, W=8):
+    """One-channel float image whose pixels are 1..H*W, so a crop's content reveals its offset and flip."""
+    return torch.arange(1, H * W + 1, dtype=torch.float32).view(1, 1, H, W)
+
+
+def recover_offsets(crops, padding):
+    """(dy, dx, flipped) of each crop, by matching every possible crop of the padded position image."""
+    img = position_image()
+    padded = torch.nn.functional.pad(img, (padding,) * 4)[0, 0]
+    found = []
+    for crop in crops:
+        for dy in range(2 * padding + 1):
+            for dx in range(2 * padding + 1):
+                window = padded[dy:dy + 8, dx:dx + 8]
+                if torch.equal(crop, window):
+                    found.append((dy, dx, False))
+                elif torch.equal(crop, window.flip(-1)):
+                    found.append((dy, dx, True))
+    assert len(found) == len(crops)  # every crop is one of the 2 * 25 candidates, exactly once
+    return np.array(found)
+
+
+def assert_uniform_crops_and_fair_flips(found, padding):
+    counts = np.zeros((2 * padding + 1, 2 * padding + 1))
+    np.add.at(counts, (found[:, 0], found[:, 1]), 1)
+    expected = len(found) / counts.size
+    assert counts.min() > 0.6 * expected and counts.max() < 1.4 * expected
+    assert abs(found[:, 2].mean() - 0.5) < 0.035
+
+
+def test_fast_path_augmentation_matches_torchvision_distribution():
+    info = data.DatasetInfo("t", 1, 8, 10, (0.0,), (1.0,), crop_padding=2, flip=True)
+    img = position_image()
+    g = torch.Generator().manual_seed(0)
+    fast = data.random_crop_flip(img.expand(N_DRAWS, 1, 8, 8), 2, True, g)[:, 0]
+    assert fast.shape == (N_DRAWS, 8, 8)
+    assert_uniform_crops_and_fair_flips(recover_offsets(fast, 2), 2)
+    import torchvision.transforms as T
+    torch.manual_seed(0)
+    reference = T.Compose([T.RandomCrop(8, padding=2), T.RandomHorizontalFlip()])
+    slow = torch.stack([reference(img[0]) for _ in range(N_DRAWS)])[:, 0]
+    assert_uniform_crops_and_fair_flips(recover_offsets(slow, 2), 2)
+    assert info.crop_padding == 2
+
+
+def test_no_flip_datasets_are_never_flipped():
+    found = recover_offsets(data.random_crop_flip(position_image().expand(500, 1, 8, 8), 2, False)[:, 0], 2)
+    assert not found[:, 2].any()
+
+
+def test_fast_path_normalisation_equals_torchvision_path():
+    images, labels = data.synthetic_textures(64, seed=0)
+    info = data.INFO["synthetic"]
+    fast = torch.cat([x for x, _ in data.TensorLoader(images, labels, info, 16, "cpu", train=False)])
+    transform = data.torchvision_transforms(info, train=False)
+    slow = torch.stack([transform(img) for img in images])
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    train_batch, _ = next(iter(data.TensorLoader(images, labels, info, 64, "cpu", train=True)))
+    assert train_batch.shape == (64, 3, 32, 32) and train_batch.dtype == torch.float32
+
+
+def test_tensor_loader_shards_like_distributed_sampler():
+    images, labels = torch.zeros(10, 1, 4, 4, dtype=torch.uint8), torch.arange(10)
+    info = data.DatasetInfo("t", 1, 4, 10, (0.0,), (1.0,), 0, False)
+    shards = [data.TensorLoader(images, labels, info, 3, "cpu", True, seed=5, rank=r, world_size=3) for r in range(3)]
+    seen = [torch.cat([y for _, y in s]) for s in shards]
+    assert [len(s) for s in seen] == [4, 4, 4] and set(torch.cat(seen).tolist()) == set(range(10))
+    val = [data.TensorLoader(images, labels, info, 3, "cpu", False, rank=r, world_size=3) for r in range(3)]
+    val_seen = torch.cat([y for v in val for _, y in v])
+    assert sorted(val_seen.tolist()) == list(range(10))  # disjoint: every sample exactly once
+    first = torch.cat([y for _, y in shards[0]])
+    shards[0].set_epoch(1)
+    assert not torch.equal(first, torch.cat([y for _, y in shards[0]]))
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_reads_mnist_idx_files_from_data_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.integers(0, 256, (20, 28, 28)), rng.integers(0, 256, (5, 28, 28))
+    for name, arr in (("train-images-idx3-ubyte", train_x), ("train-labels-idx1-ubyte", np.arange(20) % 10),
+                      ("t10k-images-idx3-ubyte", test_x), ("t10k-labels-idx1-ubyte", np.arange(5))):
+        write_idx(tmp_path / f"{name}.gz", arr)
+    (x, y), (xt, yt), info = data.load_dataset("mnist", str(tmp_path))
+    assert x.shape == (20, 1, 28, 28) and torch.equal(x[:, 0], torch.from_numpy(train_x.astype(np.uint8)))
+    assert yt.tolist() == [0, 1, 2, 3, 4] and info.in_channels == 1
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setattr(data, "_download", lambda name, root: "offline (test)")
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", "/nonexistent/fashion-mnist")
+
+
+def test_missing_fashion_mnist_names_files_and_folders(tmp_path, offline):
+    with pytest.raises(data.DatasetError) as e:
+        data.load_dataset("fashion-mnist", str(tmp_path))
+    message = str(e.value)
+    assert "train-images-idx3-ubyte" in message and str(tmp_path) in message
+    assert "/nonexistent/fashion-mnist" in message and "apt-get install dataset-fashion-mnist" in message
+
+
+def test_missing_cifar10_names_files_and_folder(tmp_path, offline):
+    with pytest.raises(data.DatasetError) as e:
+        data.load_dataset("cifar10", str(tmp_path))
+    assert str(e.value).startswith(f"cifar10: data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, "
+                                   f"test_batch not found in {os.path.join(tmp_path, 'cifar-10-batches-py')}")
+
+
+def test_missing_imagenet_folder(tmp_path):
+    with pytest.raises(data.DatasetError, match=r"imagenet: no folder .*/train; --data-dir must contain train/ and val/"):
+        data.load_dataset("imagenet", str(tmp_path))
+
+
+def test_build_loaders_subset_and_paths():
+    fast = data.build_loaders("synthetic", "unused", 0.1, 32, "cpu", fast_path=True)
+    slow = data.build_loaders("synthetic", "unused", 0.1, 32, "cpu", fast_path=False, workers=0)
+    assert fast.n_train == slow.n_train == 400 and fast.n_val == 1000
+    assert isinstance(fast.train, data.TensorLoader) and isinstance(slow.train, data.EpochDataLoader)
+    x, y = next(iter(slow.train))
+    assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32
+    assert len(fast.train) == len(slow.train) == 13

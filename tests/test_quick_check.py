@@ -1,0 +1,58 @@
+"""quick_check.py end to end, as a subprocess, on the synthetic dataset."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scattering_net import ScatteringNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--dataset", "synthetic", "--train-size", "1000", "--n-blocks", "1", "--L", "4", "--epochs", "2",
+         "--batch-size", "50", "--seed", "0", "--print-freq", "10", "--threads", "1"]
+
+
+def run_quick_check(*args):
+    return subprocess.run([sys.executable, "quick_check.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_trains_and_saves_the_best_model(tmp_path):
+    proc = run_quick_check(*SMALL, "--save-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("quick_check.py: synthetic (1,000 training images, 3x32x32), in-memory fast path")
+    assert any(re.match(r"epoch 1 \[10/20\] loss [\d.]+ acc [\d.]+% \d+ img/s eta ", line) for line in lines)
+    best = float(re.search(r"best val acc ([\d.]+)% \(epoch (\d)\)", lines[-1]).group(1))
+    assert best > 30  # 10 classes: chance is 10 %
+    ckpt = torch.load(tmp_path / "best.pth", weights_only=False)
+    model = ScatteringNet(n_blocks=1, in_channels=3, in_spatial=32, nb_classes=10, L=4, learnable=False)
+    model.load_state_dict(ckpt["state_dict"])
+    assert ckpt["best_val_acc"] == pytest.approx(best, abs=0.005) and ckpt["config"]["learnable"] is False
+
+
+def test_learnable_moves_the_filters(tmp_path):
+    proc = run_quick_check(*SMALL, "--learnable", "--modulus-type", "phase_relu", "--save-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    trained = torch.load(tmp_path / "best.pth", weights_only=False)["state_dict"]
+    init = ScatteringNet(1, 3, 32, 10, L=4, modulus_type="phase_relu").state_dict()
+    assert not torch.equal(trained["blocks.0.psi_imag.weight"], init["blocks.0.psi_imag.weight"])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lr", "-1"], "error: --lr must be > 0, got -1.0"),
+    (["--batch-size", "0"], "error: the batch size 0 must be a positive multiple of the number of processes (1)"),
+    (["--patience", "0"], "error: --patience must be >= 1, got 0"),
+    (["--L", "0"], "error: --L must be >= 1, got 0"),
+    (["--workers", "-1"], "error: --workers must be >= 0, got -1"),
+    (["--threads", "0"], "error: --threads must be >= 1, got 0"),
+    (["--train-size", "0"], "error: --train-size count must be between 1 and the dataset size 4000, got 0"),
+    (["--dataset", "fashion-mnist", "--n-blocks", "3"],
+     "error: in_spatial=28 is not divisible by 2**n_blocks=8: each block halves the resolution"),
+])
+def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path):
+    proc = run_quick_check(*SMALL, "--save-dir", str(tmp_path), *flags)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message]
+    assert not os.listdir(tmp_path)

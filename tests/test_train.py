@@ -1,0 +1,176 @@
+"""train.py end to end, as a subprocess, on the synthetic dataset (a few seconds per run)."""
+import glob
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import data
+from engine import evaluate
+from scattering_net import ScatteringNet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--dataset", "synthetic", "--train-size", "600", "--n-blocks", "1", "--L", "4", "--epochs", "3",
+         "--global-batch-size", "50", "--seed", "0", "--print-freq", "0", "--threads", "1", "--lr-extractor", "1e-3"]
+RESULT_KEYS = {"head_acc", "head_err", "baseline_acc", "finetune_acc", "finetune_gain", "filter_delta_l2",
+               "filter_delta_relative", "n_params_total", "n_params_extractor", "n_params_classifier",
+               "n_params_trainable", "actual_train_samples", "test_samples"}
+CURVE_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+
+
+def run_train(*args, torchrun=None, **kwargs):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] \
+        if torchrun else [sys.executable]
+    return subprocess.run(launcher + ["train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          **kwargs)
+
+
+def results_json(save_dir):
+    paths = glob.glob(os.path.join(save_dir, "results_*.json"))
+    assert len(paths) == 1, paths
+    return json.load(open(paths[0]))
+
+
+def small_model():
+    return ScatteringNet(n_blocks=1, in_channels=3, in_spatial=32, nb_classes=10, L=4)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    save_dir = str(tmp_path_factory.mktemp("run"))
+    proc = run_train(*SMALL, "--save-dir", save_dir)
+    assert proc.returncode == 0, proc.stderr
+    return save_dir, proc.stdout
+
+
+def test_json_has_the_spec_schema(finished_run):
+    save_dir, stdout = finished_run
+    saved = results_json(save_dir)
+    assert set(saved) == {"config", "results", "curves"} and set(saved["curves"]) == {"phase_a", "phase_b"}
+    results = saved["results"]
+    assert RESULT_KEYS <= set(results)
+    assert results["finetune_gain"] == pytest.approx(results["finetune_acc"] - results["head_acc"])
+    assert results["head_err"] == pytest.approx(100 - results["head_acc"]) and results["baseline_acc"] == results["head_acc"]
+    assert results["actual_train_samples"] == 600 and results["test_samples"] == 1000
+    model = small_model()
+    assert results["n_params_total"] == sum(p.numel() for p in model.parameters())
+    assert results["n_params_trainable"] == results["n_params_classifier"] == sum(p.numel() for p in model.head_parameters())
+    for phase in ("phase_a", "phase_b"):
+        assert len(saved["curves"][phase]) == 3 and all(CURVE_KEYS <= set(row) for row in saved["curves"][phase])
+    assert results["head_acc"] == max(r["val_acc"] for r in saved["curves"]["phase_a"])
+    assert results["finetune_acc"] == max(r["val_acc"] for r in saved["curves"]["phase_b"])
+    assert saved["config"]["dataset"] == "synthetic" and saved["config"]["lr_head"] == 1e-3
+    assert "block 0: 3 -> 15 channels, 32x32 -> 16x16" in stdout
+
+
+def test_checkpoints_load_as_in_the_spec(finished_run):
+    save_dir, _ = finished_run
+    for phase in ("phase_a", "phase_b"):
+        model = small_model()
+        ckpt = torch.load(os.path.join(save_dir, phase, "best.pth"), weights_only=False)
+        model.load_state_dict(ckpt["state_dict"])
+        assert ckpt["best_val_acc"] > 10 and 1 <= ckpt["epoch"] <= 3 and ckpt["config"]["n_blocks"] == 1
+        last = torch.load(os.path.join(save_dir, phase, "last.pth"), weights_only=False)
+        assert last["finished"] and {"optimizer", "scheduler", "rng", "early_stopping"} <= set(last)
+
+
+def test_phase_a_keeps_the_filters_and_phase_b_moves_them(finished_run):
+    save_dir, _ = finished_run
+    init = small_model().state_dict()
+    a = torch.load(os.path.join(save_dir, "phase_a", "best.pth"), weights_only=False)["state_dict"]
+    b = torch.load(os.path.join(save_dir, "phase_b", "best.pth"), weights_only=False)["state_dict"]
+    blocks = [k for k in init if k.startswith("blocks.")]
+    assert all(torch.equal(a[k], init[k]) for k in blocks)
+    assert not torch.equal(b["blocks.0.psi_real.weight"], init["blocks.0.psi_real.weight"])
+    results = results_json(save_dir)["results"]
+    assert results["filter_delta_l2"] > 0 and results["filter_delta_relative"] > 0
+
+
+def test_same_seed_same_curves(finished_run, tmp_path):
+    save_dir, _ = finished_run
+    assert run_train(*SMALL, "--save-dir", str(tmp_path)).returncode == 0
+    first, second = results_json(save_dir), results_json(str(tmp_path))
+    timing = {"seconds", "img_per_s"}
+    for phase in ("phase_a", "phase_b"):
+        strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+        assert strip(first["curves"][phase]) == strip(second["curves"][phase])
+
+
+def test_resume_after_a_kill_mid_phase_b(finished_run, tmp_path):
+    save_dir, _ = finished_run
+    args = [*SMALL, "--save-dir", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    marker = tmp_path / "phase_b" / "last.pth"
+    while not marker.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    interrupted = results_json(str(tmp_path))
+    assert len(interrupted["curves"]["phase_a"]) == 3 and len(interrupted["curves"]["phase_b"]) < 3
+    resumed = run_train(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    after, uninterrupted = results_json(str(tmp_path)), results_json(save_dir)
+    assert len(after["curves"]["phase_b"]) == 3
+    for key in RESULT_KEYS:
+        assert after["results"][key] == pytest.approx(uninterrupted["results"][key], rel=1e-6), key
+
+
+def test_two_process_ddp_on_cpu(tmp_path):
+    proc = run_train(*SMALL, "--save-dir", str(tmp_path), torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Phase A done") == 1  # only rank 0 prints
+    saved = results_json(str(tmp_path))
+    assert saved["results"]["replicas_in_sync"] is True
+    model = small_model()
+    model.load_state_dict(torch.load(tmp_path / "phase_b" / "best.pth", weights_only=False)["state_dict"])
+    (_, _), (x, y), info = data.load_dataset("synthetic", ".", seed=0)
+    accuracy = evaluate(model, data.TensorLoader(x, y, info, 250, "cpu", train=False), "cpu")["acc"]
+    assert saved["results"]["finetune_acc"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def fingerprint(folder):
+    return {p: hashlib.sha256(open(p, "rb").read()).hexdigest()
+            for p in glob.glob(os.path.join(folder, "**", "*"), recursive=True) if os.path.isfile(p)}
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--epochs", "0"], "error: --epochs must be >= 1, got 0"),
+    (["--global-batch-size", "0"], "error: the batch size 0 must be a positive multiple of the number of processes (1)"),
+    (["--train-size", "2.0"], "error: --train-size fraction must be in (0, 1], got 2.0"),
+    (["--train-size", "9999"], "error: --train-size count must be between 1 and the dataset size 4000, got 9999"),
+    (["--mixing-horizon", "5", "--n-blocks", "2", "--L", "8"],
+     "error: mixing_horizon=5 does not divide in_channels=27; valid values: [1, 3, 9, 27] (or any value >= 27 for dense)"),
+    (["--n-blocks", "6"], "error: in_spatial=32 is not divisible by 2**n_blocks=64: each block halves the resolution"),
+    (["--kernel-size", "4"], "error: kernel size K must be a positive odd integer (the grid is centred on 0), got 4"),
+    (["--lr-head", "0"], "error: --lr-head must be > 0 and --lr-extractor >= 0, got 0 and 0.001"),
+    (["--device", "cuda"], "error: --device cuda: CUDA is not available on this machine"),
+])
+def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path):
+    proc = run_train(*SMALL, "--save-dir", str(tmp_path), *flags)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message]
+    assert not os.listdir(tmp_path)
+
+
+def test_existing_run_is_never_overwritten(finished_run):
+    save_dir, _ = finished_run
+    before = fingerprint(save_dir)
+    fresh = run_train(*SMALL, "--save-dir", save_dir)
+    assert fresh.returncode == 2
+    assert fresh.stderr.strip() == (f"error: {os.path.join(save_dir, 'phase_a', 'last.pth')} already exists: pass "
+                                    f"--resume to continue that run, or choose another --save-dir (nothing was overwritten)")
+    changed = run_train(*SMALL, "--save-dir", save_dir, "--resume", "--lr-head", "0.01")
+    assert changed.returncode == 2
+    assert changed.stderr.strip() == "error: --resume: these flags differ from the interrupted run: --lr-head 0.001 (now 0.01)"
+    assert fingerprint(save_dir) == before
+
+
+def test_resume_with_nothing_to_resume(tmp_path):
+    proc = run_train(*SMALL, "--save-dir", str(tmp_path), "--resume")
+    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --resume: no checkpoint to continue in {tmp_path}")

@@ -1,0 +1,61 @@
+import json
+import os
+
+import pytest
+import torch
+
+import utils
+
+
+def test_checkpoint_round_trip(tmp_path):
+    path = tmp_path / "sub" / "best.pth"
+    utils.save_checkpoint(str(path), {"state_dict": {"w": torch.arange(3.0)}, "best_val_acc": 91.5, "epoch": 7})
+    ckpt = utils.load_checkpoint(str(path))
+    assert ckpt["best_val_acc"] == 91.5 and ckpt["epoch"] == 7 and torch.equal(ckpt["state_dict"]["w"], torch.arange(3.0))
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = str(tmp_path / "last.pth")
+    utils.save_checkpoint(path, {"epoch": 1})
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full (simulated)")
+    with pytest.raises(RuntimeError, match="disk full"):
+        utils.save_checkpoint(path, {"epoch": 2, "bad": Unpicklable()})
+    assert utils.load_checkpoint(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pth"]
+
+
+def test_experiment_log_writes_the_schema_after_each_update(tmp_path):
+    path = str(tmp_path / "results_x.json")
+    results, curves = {}, {"phase_a": [], "phase_b": []}
+    log = utils.ExperimentLog(path, {"dataset": "synthetic"}, results, curves)
+    log.add_epoch("phase_a", {"epoch": 1, "val_acc": 50.0})
+    assert json.load(open(path))["curves"]["phase_a"] == [{"epoch": 1, "val_acc": 50.0}]
+    results["head_acc"] = 50.0  # the log holds the caller's dicts: save() writes what they hold now
+    log.update_results(finetune_acc=55.0)
+    saved = json.load(open(path))
+    assert set(saved) == {"config", "results", "curves"}
+    assert saved["results"] == {"head_acc": 50.0, "finetune_acc": 55.0} and saved["config"] == {"dataset": "synthetic"}
+
+
+def test_die_prints_one_line_and_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        utils.die("--epochs must be >= 1, got 0")
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: --epochs must be >= 1, got 0\n"
+
+
+def test_single_process_helpers(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert utils.distributed_env() == (0, 1, 0)
+    assert utils.init_distributed("cpu") == (0, 1, 0) and not utils.is_distributed()
+    t = torch.tensor([1.0, 2.0])
+    assert torch.equal(utils.all_reduce_sum(t), torch.tensor([1.0, 2.0])) and utils.is_main_process()
+    assert utils.broadcast_object({"a": 1}) == {"a": 1}
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert utils.distributed_env() == (3, 4, 1)

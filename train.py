@@ -1,0 +1,394 @@
+"""Two-phase experiment pipeline (SPEC.md, "Experiment Pipeline").
+
+    python train.py --dataset fashion-mnist --modulus-type phase_relu --epochs 15 --save-dir runs/fmnist
+    torchrun --nproc_per_node=2 train.py --dataset synthetic --train-size 800 --epochs 3 --save-dir runs/ddp
+
+Phase A trains BatchNorm + classifier on frozen scattering features (head_acc);
+Phase B starts from Phase A's best model, unfreezes the blocks and trains
+everything with two learning rates (finetune_acc, finetune_gain and how far
+the filters moved). Results go to <save-dir>/results_<timestamp>.json after
+every epoch; checkpoints to <save-dir>/phase_{a,b}/{best,last}.pth.
+Measured results are in README.md and BENCHMARKS.md, with their commands.
+"""
+import argparse
+import copy
+import os
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+from engine import EarlyStopping, evaluate, filter_deltas, train_one_epoch, wavelet_weights
+from scattering_net import ScatteringNet, count_parameters
+from spatial_scattering import MODULUS_TYPES, PADDING_MODES
+from utils import (ExperimentLog, barrier, broadcast_object, cleanup_distributed, die, distributed_env,
+                   init_distributed, is_main_process, load_checkpoint, main_print, replicas_agree, save_checkpoint,
+                   seed_everything)
+
+PHASES = ("phase_a", "phase_b")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_data_args(parser, default_dataset="cifar10"):
+    group = parser.add_argument_group("dataset")
+    group.add_argument("--dataset", default=default_dataset, choices=data.DATASETS)
+    group.add_argument("--data-dir", default="./data", help="root folder (ImageNet: parent of train/ and val/)")
+    group.add_argument("--train-size", default=None,
+                       help="stratified subset: a fraction (0.1) or a count (5000); default: the whole set")
+
+
+def add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--n-blocks", type=int, default=2, help="stacked scattering blocks")
+    group.add_argument("--L", type=int, default=8, help="wavelet orientations per block")
+    group.add_argument("--kernel-size", type=int, default=7, help="wavelet kernel size (odd)")
+    group.add_argument("--modulus-type", default="complex_modulus", choices=MODULUS_TYPES)
+    group.add_argument("--mixing-horizon", type=int, default=None,
+                       help="max input channels per wavelet filter (grouped convolutions); default: dense")
+    group.add_argument("--global-avg-pool", action="store_true", help="average-pool to 1x1 before the classifier")
+    group.add_argument("--lowpass-last", action="store_true", help="the last block outputs only its low-pass path")
+    group.add_argument("--padding-mode", default="zeros", choices=PADDING_MODES, help="border handling of the filters")
+
+
+def add_runtime_args(parser):
+    group = parser.add_argument_group("runtime and speed")
+    group.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda when available")
+    group.add_argument("--workers", type=int, default=4, help="DataLoader worker processes (DataLoader path)")
+    group.add_argument("--fast-path", action=argparse.BooleanOptionalAction, default=None,
+                       help="keep the dataset on the device and augment there; default: on for in-memory sets")
+    group.add_argument("--amp", action="store_true", help="bf16 autocast")
+    group.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    group.add_argument("--compile", action="store_true", help="torch.compile the model")
+    group.add_argument("--threads", type=int, default=None, help="CPU threads for torch; default: torch's choice")
+    group.add_argument("--seed", type=int, default=None, help="random seed; default: drawn at random and recorded")
+    group.add_argument("--save-dir", default="runs", help="checkpoints and JSON results")
+    group.add_argument("--print-freq", type=int, default=50, help="progress line every N batches (0: off)")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_data_args(parser)
+    add_model_args(parser)
+    phases = parser.add_argument_group("training phases")
+    phases.add_argument("--epochs", type=int, default=100, help="max epochs per phase")
+    phases.add_argument("--lr-head", type=float, default=1e-3, help="BN + classifier learning rate (both phases)")
+    phases.add_argument("--lr-extractor", type=float, default=1e-4, help="scattering blocks' learning rate (Phase B)")
+    training = parser.add_argument_group("training")
+    training.add_argument("--global-batch-size", type=int, default=128, help="split evenly across DDP ranks")
+    training.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    training.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs")
+    training.add_argument("--resume", action="store_true", help="continue the interrupted run in --save-dir")
+    add_runtime_args(parser)
+    return parser
+
+
+def check_common_args(args, batch_size, world_size):
+    """Everything that can be wrong with the shared flags, before anything is loaded or written."""
+    positive = {"--epochs": args.epochs, "--patience": args.patience, "--n-blocks": args.n_blocks, "--L": args.L}
+    for flag, value in positive.items():
+        if value < 1:
+            die(f"{flag} must be >= 1, got {value}")
+    for flag, value in (("--workers", args.workers), ("--print-freq", args.print_freq)):
+        if value < 0:
+            die(f"{flag} must be >= 0, got {value}")
+    if args.threads is not None and args.threads < 1:
+        die(f"--threads must be >= 1, got {args.threads}")
+    if args.weight_decay < 0:
+        die(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    if batch_size < 1 or batch_size % world_size:
+        die(f"the batch size {batch_size} must be a positive multiple of the number of processes ({world_size})")
+    try:
+        args.train_size = data.parse_train_size(args.train_size)
+    except data.DatasetError as e:
+        die(e)
+    info = data.INFO[args.dataset]
+    try:
+        count_parameters(args.n_blocks, info.in_channels, info.spatial, info.nb_classes, args.L, args.kernel_size,
+                         args.modulus_type, args.mixing_horizon, args.global_avg_pool, args.lowpass_last)
+    except ValueError as e:
+        die(e)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def pick_device(requested, local_rank):
+    if requested is None:
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        die(f"--device: unknown device {requested!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            die(f"--device {requested}: CUDA is not available on this machine")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def setup(args, batch_size):
+    """Check the flags, start the processes, seed, and build the loaders (data.Loaders, in env['data'])."""
+    rank, world_size, local_rank = distributed_env()
+    check_common_args(args, batch_size, world_size)
+    device = pick_device(args.device, local_rank)
+    init_distributed(device.type)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    seed = broadcast_object(args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31))
+    seed_everything(seed + rank)
+    try:
+        loaders = data.build_loaders(args.dataset, args.data_dir, args.train_size, batch_size // world_size, device,
+                                     args.fast_path, args.workers, seed, rank, world_size)
+    except data.DatasetError as e:
+        die(e)
+    return {"rank": rank, "world_size": world_size, "device": device, "seed": seed, "data": loaders}
+
+
+def build_model(args, info, device, learnable=True):
+    torch.manual_seed(args.seed)  # the classifier's init; the filters are deterministic anyway
+    model = ScatteringNet(args.n_blocks, info.in_channels, info.spatial, info.nb_classes, L=args.L,
+                          kernel_size=args.kernel_size, learnable=learnable, modulus_type=args.modulus_type,
+                          mixing_horizon=args.mixing_horizon, global_avg_pool=args.global_avg_pool,
+                          lowpass_last=args.lowpass_last, padding_mode=args.padding_mode)
+    return model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+
+
+def wrap_model(model, device, world_size, compile_model):
+    """The module the loop calls: DDP under torchrun, DataParallel on several GPUs, else the model itself.
+
+    Build it anew whenever requires_grad changes: DDP synchronises only the
+    parameters that required grad when it was constructed.
+    """
+    runner = model
+    if world_size > 1:
+        runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    elif device.type == "cuda" and torch.cuda.device_count() > 1:
+        runner = nn.DataParallel(model)
+    return torch.compile(runner) if compile_model else runner
+
+
+def describe_run(env, model, mode):
+    loaders = env["data"]
+    info = loaders.info
+    loader = "in-memory fast path" if isinstance(loaders.train, data.TensorLoader) else "DataLoader"
+    main_print(f"{mode}: {info.name} ({loaders.n_train:,} training images, {info.in_channels}x{info.spatial}x"
+               f"{info.spatial}), {loader}, device {env['device']}, {env['world_size']} process(es), seed {env['seed']}")
+    for line in model.describe():
+        main_print("  " + line)
+
+
+# ----------------------------------------------------------------------------- checkpoints and phases
+
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_checkpoint(model_state, phase, epoch, best_val_acc, config, optimizer=None, scheduler=None, stopper=None,
+                    **extra):
+    """The one place the checkpoint dict is built; loadable as SPEC.md's snippet shows."""
+    return {"state_dict": model_state, "phase": phase, "epoch": epoch, "best_val_acc": best_val_acc,
+            "config": config, "optimizer": optimizer.state_dict() if optimizer else None,
+            "scheduler": scheduler.state_dict() if scheduler else None,
+            "early_stopping": stopper.state_dict() if stopper else None, "rng": rng_state(), **extra}
+
+
+def cpu_state(model):
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def run_phase(phase, model, runner, optimizer, scheduler, env, args, ckpt_dir, curves, extra=None, resume=None):
+    """Epochs of one phase with early stopping; best/last checkpoints after each epoch.
+
+    curves: the list this phase appends a row to per epoch (and which the
+    caller logs). extra: returns a dict merged into each last.pth (the run's
+    results so far). resume: a last.pth of this phase to continue from.
+    Returns (best model state, best val acc, best epoch).
+    """
+    stopper = EarlyStopping(args.patience)
+    best_state, start_epoch = cpu_state(model), 1
+    if resume:
+        model.load_state_dict(resume["state_dict"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        stopper.load_state_dict(resume["early_stopping"])
+        set_rng_state(resume["rng"])
+        best_state = load_checkpoint(os.path.join(ckpt_dir, "best.pth"))["state_dict"]
+        start_epoch = resume["epoch"] + 1
+    device, loaders, log = env["device"], env["data"], main_print if is_main_process() else None
+    for epoch in range(start_epoch, args.epochs + 1):
+        if stopper.should_stop:
+            break
+        loaders.train.set_epoch(epoch)
+        lrs = [group["lr"] for group in optimizer.param_groups]
+        train = train_one_epoch(runner, loaders.train, optimizer, device, epoch, args.amp, args.channels_last,
+                                args.print_freq, log)
+        val = evaluate(runner, loaders.val, device, args.amp, args.channels_last)
+        scheduler.step()
+        improved = stopper.step(val["acc"], epoch)
+        row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val["loss"],
+               "val_acc": val["acc"], "lr": lrs[-1], "seconds": train["seconds"] + val["seconds"],
+               "img_per_s": train["img_per_s"]}
+        if len(lrs) > 1:
+            row["lr_extractor"] = lrs[0]
+        curves.append(row)
+        main_print(f"{phase} epoch {epoch}/{args.epochs}: train loss {train['loss']:.4f} acc {train['acc']:.2f}% | "
+                   f"val loss {val['loss']:.4f} acc {val['acc']:.2f}% (best {stopper.best:.2f}% @ {stopper.best_epoch})"
+                   f" | lr {lrs[-1]:.2e} | {row['seconds']:.1f} s, {train['img_per_s']:.0f} img/s")
+        if improved:
+            best_state = cpu_state(model)
+        if is_main_process():
+            if improved:
+                save_checkpoint(os.path.join(ckpt_dir, "best.pth"),
+                                make_checkpoint(best_state, phase, epoch, stopper.best, vars(args)))
+            save_checkpoint(os.path.join(ckpt_dir, "last.pth"), make_checkpoint(
+                cpu_state(model), phase, epoch, stopper.best, vars(args), optimizer, scheduler, stopper,
+                curves=curves, finished=False, **(extra() if extra else {})))
+    if is_main_process():
+        last = load_checkpoint(os.path.join(ckpt_dir, "last.pth"))
+        save_checkpoint(os.path.join(ckpt_dir, "last.pth"), {**last, "finished": True})
+    barrier()
+    if stopper.should_stop:
+        main_print(f"{phase}: early stop, no improvement for {args.patience} epochs")
+    return best_state, stopper.best, stopper.best_epoch
+
+
+def adamw(groups, weight_decay):
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def cosine(optimizer, epochs):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+def find_resume_point(save_dir, resume):
+    """(phase to start in, the newest last.pth or None); dies on an unusable save-dir.
+
+    A finished Phase A's last.pth means: start Phase B afresh, with the
+    results and curves that checkpoint carries.
+    """
+    lasts = {p: os.path.join(save_dir, p, "last.pth") for p in PHASES}
+    existing = [p for p in PHASES if os.path.isfile(lasts[p])]
+    if not resume:
+        if existing:
+            die(f"{lasts[existing[0]]} already exists: pass --resume to continue that run, or choose another "
+                f"--save-dir (nothing was overwritten)")
+        return "phase_a", None
+    if not existing:
+        die(f"--resume: no checkpoint to continue in {save_dir} (looked for {lasts['phase_a']} and {lasts['phase_b']})")
+    last = load_checkpoint(lasts[existing[-1]])
+    return ("phase_b" if last["finished"] else last["phase"]), last
+
+
+def check_resume_config(saved, args):
+    """Flags that change the experiment must match the interrupted run's; --seed may be left out."""
+    ignored = {"resume", "print_freq", "workers", "device", "threads", "compile"} | ({"seed"} if args.seed is None else set())
+    current = vars(args)
+    differ = [k for k in current if k not in ignored and saved.get(k) != current[k]]
+    if differ:
+        die(f"--resume: these flags differ from the interrupted run: "
+            + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in differ))
+
+
+def head_results(curves_a, best, best_epoch):
+    return {"head_acc": best, "head_err": 100.0 - best, "baseline_acc": best, "phase_a_epochs": len(curves_a),
+            "phase_a_best_epoch": best_epoch, "phase_a_seconds": sum(r["seconds"] for r in curves_a)}
+
+
+def main(args):
+    if args.lr_head <= 0 or args.lr_extractor < 0:
+        die(f"--lr-head must be > 0 and --lr-extractor >= 0, got {args.lr_head:g} and {args.lr_extractor:g}")
+    env = setup(args, args.global_batch_size)
+    start_phase, last = find_resume_point(args.save_dir, args.resume)
+    if last:
+        check_resume_config(last["config"], args)
+    args.seed = last["config"]["seed"] if last else env["seed"]
+    device, loaders = env["device"], env["data"]
+    model = build_model(args, loaders.info, device)
+    describe_run(env, model, "train.py")
+    initial_filters = wavelet_weights(model)
+
+    results = last["results"] if last else {}
+    curves = last["curves_all"] if last else {"phase_a": [], "phase_b": []}
+    json_path = last["json_path"] if last else os.path.join(
+        args.save_dir, f"results_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    logger = ExperimentLog(json_path, vars(args), results, curves) if is_main_process() else None
+
+    def saved_state():
+        if logger:
+            logger.save()
+        return {"results": results, "curves_all": curves, "json_path": json_path}
+
+    phase_a_dir, phase_b_dir = (os.path.join(args.save_dir, p) for p in PHASES)
+    if start_phase == "phase_a":
+        model.blocks.requires_grad_(False)
+        runner = wrap_model(model, device, env["world_size"], args.compile)
+        optimizer = adamw([{"params": model.head_parameters(), "lr": args.lr_head}], args.weight_decay)
+        plan = model.plan
+        results.update(n_params_total=plan["n_params_total"], n_params_extractor=plan["n_params_extractor"],
+                       n_params_classifier=plan["n_params_head"],
+                       n_params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                       actual_train_samples=loaders.n_train, test_samples=loaders.n_val, seed=args.seed)
+        main_print(f"Phase A: training BN + classifier ({results['n_params_trainable']:,} parameters), "
+                   f"extractor frozen")
+        best_state, head_acc, best_epoch = run_phase(
+            "phase_a", model, runner, optimizer, cosine(optimizer, args.epochs), env, args, phase_a_dir,
+            curves["phase_a"], saved_state, resume=last)
+        results.update(head_results(curves["phase_a"], head_acc, best_epoch))
+        main_print(f"Phase A done: head_acc {head_acc:.2f}% (epoch {best_epoch})")
+    else:
+        best_state = load_checkpoint(os.path.join(phase_a_dir, "best.pth"))["state_dict"]
+        if "head_acc" not in results:  # interrupted between the phases
+            stopped = load_checkpoint(os.path.join(phase_a_dir, "last.pth"))["early_stopping"]
+            results.update(head_results(curves["phase_a"], stopped["best"], stopped["best_epoch"]))
+
+    model.load_state_dict(best_state)
+    model.blocks.requires_grad_(True)
+    runner = wrap_model(model, device, env["world_size"], args.compile)
+    optimizer = adamw([{"params": list(model.extractor_parameters()), "lr": args.lr_extractor},
+                       {"params": model.head_parameters(), "lr": args.lr_head}], args.weight_decay)
+    main_print(f"Phase B: fine-tuning everything (extractor lr {args.lr_extractor:g}, head lr {args.lr_head:g})")
+    best_state, finetune_acc, best_epoch = run_phase(
+        "phase_b", model, runner, optimizer, cosine(optimizer, args.epochs), env, args, phase_b_dir,
+        curves["phase_b"], saved_state, resume=last if last and last["phase"] == "phase_b" else None)
+    model.load_state_dict(best_state)
+    results.update(finetune_acc=finetune_acc, finetune_gain=finetune_acc - results["head_acc"],
+                   phase_b_epochs=len(curves["phase_b"]), phase_b_best_epoch=best_epoch,
+                   phase_b_seconds=sum(r["seconds"] for r in curves["phase_b"]),
+                   **filter_deltas(initial_filters, wavelet_weights(model)))
+    if env["world_size"] > 1:  # DDP must have kept the unfrozen filters identical on every rank
+        results["replicas_in_sync"] = replicas_agree([p.detach() for p in model.extractor_parameters()])
+    if logger:
+        logger.save()
+    main_print(f"done: head_acc {results['head_acc']:.2f}% -> finetune_acc {finetune_acc:.2f}% "
+               f"(gain {results['finetune_gain']:+.2f}), filter delta {results['filter_delta_relative']:.4f} "
+               f"relative; results in {json_path}")
+    return results
+
+
+def run(args):
+    try:
+        main(args)
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run(get_args_parser().parse_args())
