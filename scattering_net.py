@@ -10,12 +10,13 @@ scale 2^J (SPEC.md, "Connection to Fast Wavelet Transform and Scattering").
 import argparse
 from dataclasses import dataclass
 
+import numpy as np
 import torch.nn as nn
 
 from utils import die
 from wavelet_kernels import check_kernel_size
 from spatial_scattering import (MODULUS_TYPES, PADDING_MODES, ScatteringBlock, block_parameter_count,
-                                mixing_groups, wavelet_parameter_count)
+                                filter_movement, mixing_groups, wavelet_parameter_count)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,25 @@ class ScatteringNet(nn.Module):
 
     def head_parameters(self):
         return [*self.bn.parameters(), *self.classifier.parameters()]
+
+    def filter_movement(self, fft_size=64):
+        """Per block with wavelets: how far they moved from their Morlet init (spatial_scattering.filter_movement).
+
+        Returns one dict per block: ``relative_l2``, ``frequency_shift`` (rad/sample)
+        and ``angle_shift_deg``, each the mean over orientations of its absolute
+        value, and ``orientations``, the per-orientation rows.
+        """
+        summary = []
+        for j, block in enumerate(self.blocks):
+            if block.lowpass_only:
+                continue
+            rows = filter_movement(block, fft_size)
+            angle_shift = [abs((r["peak_angle_deg"] - r["init_angle_deg"] + 180) % 360 - 180) for r in rows]
+            summary.append({"block": j, "relative_l2": float(np.mean([r["relative_l2"] for r in rows])),
+                            "frequency_shift": float(np.mean([abs(r["peak_frequency"] - r["init_frequency"])
+                                                              for r in rows])),
+                            "angle_shift_deg": float(np.mean(angle_shift)), "orientations": rows})
+        return summary
 
     def describe(self):
         """One line per block, then the head and the totals (used by the scripts' start-up log)."""

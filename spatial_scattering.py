@@ -20,6 +20,7 @@ multiply-adds). The parameters keep their own names in the state dict.
 """
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -208,6 +209,26 @@ class ScatteringBlock(nn.Module):
         phases = torch.stack([re, -re, im, -im], dim=2).relu()  # (B, CL, 4, H, W), contiguous per (c, l)
         return self.phase_collapse(phases.view(B, N_PHASES * CL, H, W))  # (B, CL, 4, H, W) -> (B, 4CL, H, W)
 
+    @torch.no_grad()
+    def diagonal_filters(self):
+        """What each output sees of its own input channel, as NumPy arrays.
+
+        Returns {'phi': (C, K, K), 'psi': (C, L, K, K) complex = psi_real + i psi_imag}
+        (no 'psi' when lowpass_only). At init these are the Morlet filter bank
+        repeated per channel; after training the planes that mix channels are
+        left out (filter_delta_* in engine.py measures the whole weights).
+        """
+        C, per_group = self.in_channels, self.in_channels // self.groups
+        c = torch.arange(C)
+        out = {"phi": self.phi_conv.weight[c, c % per_group].double().cpu().numpy()}
+        if not self.lowpass_only:
+            rows = (c[:, None] * self.L + torch.arange(self.L)).flatten()  # output c*L + l
+            cols = c.repeat_interleave(self.L) % per_group  # its own input channel
+            planes = [w[rows, cols].double().cpu().numpy().reshape(C, self.L, self.kernel_size, self.kernel_size)
+                      for w in (self.psi_real.weight, self.psi_imag.weight)]  # (C*L, K, K) -> (C, L, K, K)
+            out["psi"] = planes[0] + 1j * planes[1]
+        return out
+
     def extra_repr(self):
         return (f"in_channels={self.in_channels}, L={self.L}, kernel_size={self.kernel_size}, "
                 f"modulus_type={self.modulus_type!r}, groups={self.groups}, lowpass_only={self.lowpass_only}, "
@@ -231,3 +252,31 @@ def block_parameter_count(in_channels, L, kernel_size, modulus_type="complex_mod
         if modulus_type == "phase_relu":
             n += in_channels * L * N_PHASES  # phase_collapse: grouped 1 x 1
     return n
+
+
+def filter_movement(block, fft_size=256):
+    """Per orientation, how far ``block``'s wavelets moved from the Morlet bank they started as.
+
+    Compares the diagonal filters (ScatteringBlock.diagonal_filters) of all
+    input channels with ``wavelet_kernels.filter_bank(L, K)``. Returns L dicts:
+    ``relative_l2`` = ||psi - psi0|| / ||psi0||, ``peak_frequency`` (rad/sample)
+    and ``peak_angle_deg`` of the magnitude spectrum (mean over channels; the
+    angle as a circular mean), and ``init_frequency``, ``init_angle_deg``, the
+    same for the Morlet wavelet.
+    """
+    psi = block.diagonal_filters()["psi"]  # (C, L, K, K)
+    psi0 = wavelet_kernels.filter_bank(block.L, block.kernel_size)["psi"]  # (L, K, K)
+    radius0, angle0 = wavelet_kernels.spectral_peak(psi0, fft_size)
+    rows = []
+    for l in range(block.L):
+        radius, angle = wavelet_kernels.spectral_peak(psi[:, l], fft_size)
+        moved = np.linalg.norm(psi[:, l] - psi0[l]) / (np.linalg.norm(psi0[l]) * np.sqrt(len(psi)))
+        rows.append({"orientation": l, "relative_l2": float(moved), "peak_frequency": float(radius.mean()),
+                     "peak_angle_deg": circular_mean_deg(angle), "init_frequency": float(radius0[l]),
+                     "init_angle_deg": float(np.degrees(angle0[l]))})
+    return rows
+
+
+def circular_mean_deg(angles):
+    """Mean direction of angles in radians, in degrees in (-180, 180]."""
+    return float(np.degrees(np.angle(np.exp(1j * np.asarray(angles)).mean())))

@@ -372,7 +372,7 @@ def main(args):
     results.update(finetune_acc=finetune_acc, finetune_gain=finetune_acc - results["head_acc"],
                    phase_b_epochs=len(curves["phase_b"]), phase_b_best_epoch=best_epoch,
                    phase_b_seconds=sum(r["seconds"] for r in curves["phase_b"]),
-                   **filter_deltas(initial_filters, wavelet_weights(model)))
+                   **filter_deltas(initial_filters, wavelet_weights(model)), filter_movement=model.filter_movement())
     if env["world_size"] > 1:  # DDP must have kept the unfrozen filters identical on every rank
         results["replicas_in_sync"] = replicas_agree([p.detach() for p in model.extractor_parameters()])
     if logger:

@@ -151,3 +151,23 @@ def filter_bank(L=8, K=7):
     psi = np.stack([morlet_2d(K, SIGMA_0, theta, XI_0, slant) for theta in thetas])
     phi = gabor_2d(K, SIGMA_0, 0.0, 0.0, PHI_SLANT).real
     return {"psi": psi, "phi": phi / phi.sum(), "theta": thetas, "xi": XI_0, "sigma": SIGMA_0, "slant": slant}
+
+
+def spectral_peak(kernels, fft_size=256):
+    r"""Where the magnitude spectrum of each kernel peaks: radius and angle in radians.
+
+    kernels: (..., K, K), real or complex. The spectrum is the zero-padded
+    ``fft_size``-point DFT, so the answer is quantised to
+    :math:`2\pi / \text{fft\_size}` rad per sample. With the first array axis
+    as the first frequency coordinate :math:`\omega_1` (as in kymatio), the
+    Morlet ``morlet_2d(K, sigma, theta, xi, slant)`` peaks near radius ``xi``
+    and angle ``theta``. Returns two float64 arrays of shape ``kernels.shape[:-2]``:
+    :math:`|\omega|` in [0, pi*sqrt(2)] and :math:`\mathrm{atan2}(\omega_2, \omega_1)` in (-pi, pi].
+    """
+    kernels = np.asarray(kernels)
+    spectrum = np.abs(np.fft.fft2(kernels, s=(fft_size, fft_size)))
+    flat = spectrum.reshape(*spectrum.shape[:-2], -1)  # (..., n, n) -> (..., n*n)
+    i, j = np.unravel_index(flat.argmax(-1), (fft_size, fft_size))
+    freqs = np.fft.fftfreq(fft_size) * 2 * np.pi
+    w1, w2 = freqs[i], freqs[j]
+    return np.hypot(w1, w2), np.arctan2(w2, w1)

@@ -128,3 +128,14 @@ def test_cli_prints_plan_and_rejects_bad_sizes():
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines() == ["error: in_spatial=30 is not divisible by 2**n_blocks=4: "
                                                "each block halves the resolution"]
+
+
+def test_filter_movement_is_zero_at_init_and_sees_a_change():
+    net = ScatteringNet(2, 3, 32, 10, L=4, lowpass_last=True)
+    at_init = net.filter_movement()
+    assert [m["block"] for m in at_init] == [0]  # the low-pass-only last block has no wavelets
+    assert at_init[0]["relative_l2"] < 1e-6 and at_init[0]["angle_shift_deg"] == 0
+    with torch.no_grad():
+        net.blocks[0].psi_imag.weight.mul_(-1)  # conjugate: the spectrum peak turns by 180 degrees
+    moved = net.filter_movement()[0]
+    assert moved["angle_shift_deg"] == pytest.approx(180, abs=1e-6) and moved["frequency_shift"] < 1e-9

@@ -1,11 +1,13 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import wavelet_kernels as wk
-from spatial_scattering import ScatteringBlock, block_parameter_count, compose_downsampling, mixing_groups
+from spatial_scattering import (ScatteringBlock, block_parameter_count, compose_downsampling, filter_movement,
+                                mixing_groups)
 
 
 def reference_forward(block, x):
@@ -194,3 +196,27 @@ def test_bad_arguments(kwargs, message):
 def test_bad_input_shape():
     with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, M, N\), got \(2, 4, 8, 8\)"):
         ScatteringBlock(3)(torch.randn(2, 4, 8, 8))
+
+
+@pytest.mark.parametrize("mixing_horizon", [None, 1, 3])
+def test_diagonal_filters_are_the_morlet_bank_at_init(mixing_horizon):
+    block = ScatteringBlock(6, L=4, kernel_size=5, mixing_horizon=mixing_horizon)
+    bank = wk.filter_bank(4, 5)
+    filters = block.diagonal_filters()
+    assert filters["psi"].shape == (6, 4, 5, 5) and filters["phi"].shape == (6, 5, 5)
+    np.testing.assert_allclose(filters["psi"], np.broadcast_to(bank["psi"], (6, 4, 5, 5)), atol=1e-7)
+    np.testing.assert_allclose(filters["phi"], np.broadcast_to(bank["phi"], (6, 5, 5)), atol=1e-7)
+
+
+def test_filter_movement_sees_a_rotated_wavelet():
+    block = ScatteringBlock(2, L=4)
+    rotated = wk.morlet_2d(7, wk.SIGMA_0, np.pi / 2 - np.pi / 8, wk.XI_0, 1.0)
+    with torch.no_grad():  # orientation 0 of channel 1 (output 1*4 + 0 sees input 1)
+        block.psi_real.weight[4, 1] = torch.as_tensor(rotated.real)
+        block.psi_imag.weight[4, 1] = torch.as_tensor(rotated.imag)
+    rows = filter_movement(block)
+    assert max(r["relative_l2"] for r in rows[1:]) < 1e-6 and rows[0]["relative_l2"] > 0.1
+    assert [r["init_frequency"] for r in rows] == pytest.approx([wk.XI_0] * 4, abs=0.1)
+    assert rows[0]["init_angle_deg"] == pytest.approx(45.0, abs=2)  # (L/2 - 1 - 0) * 180 / L
+    assert rows[0]["peak_angle_deg"] == pytest.approx((45.0 + 67.5) / 2, abs=2)  # circular mean of 45 and 67.5
+    assert rows[0]["peak_frequency"] == pytest.approx(wk.XI_0, abs=0.1)

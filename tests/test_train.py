@@ -90,6 +90,8 @@ def test_phase_a_keeps_the_filters_and_phase_b_moves_them(finished_run):
     assert not torch.equal(b["blocks.0.psi_real.weight"], init["blocks.0.psi_real.weight"])
     results = results_json(save_dir)["results"]
     assert results["filter_delta_l2"] > 0 and results["filter_delta_relative"] > 0
+    movement = results["filter_movement"][0]
+    assert movement["block"] == 0 and len(movement["orientations"]) == 4 and movement["relative_l2"] > 0
 
 
 def test_same_seed_same_curves(finished_run, tmp_path):

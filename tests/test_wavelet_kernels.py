@@ -42,15 +42,20 @@ def test_wavelets_have_zero_mean_on_the_grid(L, K):
 @pytest.mark.parametrize("L", [4, 8])
 def test_spectrum_peaks_at_xi_along_theta(L):
     bank = wk.filter_bank(L, 7)
-    freqs = np.fft.fftfreq(FFT_SIZE) * 2 * np.pi
-    for psi, theta in zip(bank["psi"], bank["theta"]):
-        spectrum = np.abs(np.fft.fft2(psi, s=(FFT_SIZE, FFT_SIZE)))
-        i, j = np.unravel_index(spectrum.argmax(), spectrum.shape)
-        w1, w2 = freqs[i], freqs[j]
-        # first array axis <-> first frequency coordinate, as in kymatio
-        assert np.hypot(w1, w2) == pytest.approx(wk.XI_0, abs=0.1)
-        assert np.arctan2(w2, w1) == pytest.approx(theta, abs=0.03)
-        assert spectrum[0, 0] < 1e-12  # no DC response
+    radius, angle = wk.spectral_peak(bank["psi"], FFT_SIZE)
+    assert radius.shape == angle.shape == (L,)
+    # first array axis <-> first frequency coordinate, as in kymatio
+    np.testing.assert_allclose(radius, wk.XI_0, atol=0.1)
+    np.testing.assert_allclose(angle, bank["theta"], atol=0.03)
+    assert np.abs(np.fft.fft2(bank["psi"])[:, 0, 0]).max() < 1e-12  # no DC response
+
+
+def test_spectral_peak_of_a_plane_wave():
+    x, y = wk.centred_grid(9)
+    wave = np.exp(1j * (0.5 * x - 1.0 * y))  # frequency (0.5, -1.0)
+    radius, angle = wk.spectral_peak(wave, fft_size=512)
+    assert radius == pytest.approx(np.hypot(0.5, 1.0), abs=0.01)
+    assert angle == pytest.approx(np.arctan2(-1.0, 0.5), abs=0.01)
 
 
 def test_lowpass_is_a_normalised_isotropic_gaussian():

@@ -1,0 +1,287 @@
+"""Summary table and plots over train.py's results (SPEC.md, "Analysis").
+
+    python analyze.py --results-dir runs/demo --curves
+    # one row per results_*.json found under runs/demo (recursively), saved as
+    # runs/demo/plots/summary.csv, and the plots listed below; make demo prints it.
+    python analyze.py --results-dir runs/demo --filters runs/demo/size_0.2/phase_b/best.pth
+    # block 0's wavelets before and after training, and how far each orientation moved
+
+Plots, in <results-dir>/plots/: plot_size_vs_accuracy.png, plot_size_vs_gain.png,
+plot_delta_vs_gain.png, and with --curves curves/curves_exp<N>.png (N: the
+table's row). Headless (Agg) unless --interactive.
+"""
+import argparse
+import glob
+import json
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import torch
+
+import data
+import wavelet_kernels
+from scattering_net import ScatteringNet
+from utils import die
+
+REQUIRED = {"config": ("dataset", "n_blocks", "L", "modulus_type"),
+            "results": ("head_acc", "finetune_acc", "finetune_gain", "filter_delta_l2", "filter_delta_relative",
+                        "n_params_total", "n_params_trainable", "actual_train_samples")}
+COLUMNS = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "learnable", "head_acc", "finetune_acc",
+           "finetune_gain", "filter_delta_l2", "filter_delta_relative", "n_params_total", "n_params_trainable"]
+# Pearson's r of fewer points says nothing (two points always lie on a line).
+MIN_POINTS_FOR_R = 3
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--results-dir", default="runs", help="searched recursively for results_*.json")
+    parser.add_argument("--curves", action="store_true", help="also plot each experiment's training curves")
+    parser.add_argument("--interactive", action="store_true", help="show the plots in a window too")
+    parser.add_argument("--filters", metavar="CHECKPOINT", default=None,
+                        help="instead of the table: draw block 0's learnt wavelets of this checkpoint against "
+                             "their Morlet init, and print how far each orientation moved")
+    return parser
+
+
+# ----------------------------------------------------------------------------- reading
+
+def load_experiments(results_dir):
+    """[(path, parsed JSON)] of every usable results_*.json, sorted by path; warns about the others."""
+    experiments = []
+    for path in sorted(glob.glob(os.path.join(results_dir, "**", "results_*.json"), recursive=True)):
+        try:
+            with open(path) as f:
+                exp = json.load(f)
+            missing = [f"{part}.{key}" for part, keys in REQUIRED.items() for key in keys
+                       if key not in (exp.get(part) or {})]
+        except (OSError, ValueError, AttributeError) as e:
+            missing = [f"unreadable ({type(e).__name__})"]
+        if missing:
+            print(f"warning: skipping {path}: missing {', '.join(missing)}", file=sys.stderr)
+            continue
+        experiments.append((path, exp))
+    return experiments
+
+
+def summary_table(experiments):
+    """One row per experiment, sorted by dataset then training-set size; index = experiment number."""
+    rows = []
+    for path, exp in experiments:
+        config, results = exp["config"], exp["results"]
+        row = {"dataset": config["dataset"], "train_size": results["actual_train_samples"],
+               "n_blocks": config["n_blocks"], "L": config["L"], "modulus_type": config["modulus_type"],
+               "learnable": config.get("learnable", True)}
+        row.update({key: results[key] for key in COLUMNS if key in results})
+        rows.append({**row, "path": path})
+    table = pd.DataFrame(rows, columns=COLUMNS + ["path"]).sort_values(["dataset", "train_size", "path"])
+    table.index = pd.RangeIndex(1, len(table) + 1, name="exp")
+    return table
+
+
+# ----------------------------------------------------------------------------- plots
+
+def configuration_label(row):
+    return f"{row.dataset} J={row.n_blocks} L={row.L} {row.modulus_type}"
+
+
+def plot_size_vs_accuracy(plt, table, path):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, group in table.groupby(table.apply(configuration_label, axis=1)):
+        group = group.groupby("train_size")[["head_acc", "finetune_acc"]].mean()  # repeated sizes: mean
+        ax.plot(group.index, group.head_acc, "o--", label=f"head only (Phase A), {label}")
+        ax.plot(group.index, group.finetune_acc, "s-", label=f"fine-tuned (Phase B), {label}")
+    ax.set(xscale="log", xlabel="training images (log scale)", ylabel="test accuracy (%)",
+           title="Training-set size vs accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(plt, fig, path)
+
+
+def plot_size_vs_gain(plt, table, path):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    labels = [f"exp{i}\n{n:,}" for i, n in zip(table.index, table.train_size)]
+    colours = ["tab:green" if g > 0 else "tab:red" for g in table.finetune_gain]
+    ax.bar(range(len(table)), table.finetune_gain, color=colours)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(table)), labels, fontsize=8)
+    ax.set(xlabel="experiment and training images", ylabel="finetune_gain (accuracy points)",
+           title="Fine-tuning gain per training-set size (green > 0, red <= 0)")
+    ax.grid(axis="y", alpha=0.3)
+    save(plt, fig, path)
+
+
+def pearson_r(x, y):
+    """Pearson's r, or None when it is undefined (fewer than MIN_POINTS_FOR_R points, or a constant)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(x) < MIN_POINTS_FOR_R or x.std() == 0 or y.std() == 0:
+        return None
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def plot_delta_vs_gain(plt, table, path):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    points = ax.scatter(table.filter_delta_relative, table.finetune_gain, c=np.log10(table.train_size),
+                        cmap="viridis")
+    fig.colorbar(points, ax=ax, label="log10(training images)")
+    for i, row in table.iterrows():
+        ax.annotate(f"exp{i}", (row.filter_delta_relative, row.finetune_gain), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    r = pearson_r(table.filter_delta_relative, table.finetune_gain)
+    r_text = f"Pearson r = {r:.3f}" if r is not None else \
+        f"Pearson r undefined ({len(table)} point(s), constant values or fewer than {MIN_POINTS_FOR_R})"
+    ax.set(xlabel="filter_delta_relative (||W - W0|| / ||W0||)", ylabel="finetune_gain (accuracy points)",
+           title=f"Filter change vs gain: {r_text}")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    save(plt, fig, path)
+    return r
+
+
+def plot_curves(plt, exp, number, path):
+    fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    offset = 0
+    for phase, style in (("phase_a", "o-"), ("phase_b", "s-")):
+        rows = exp["curves"].get(phase, [])
+        epochs = [offset + r["epoch"] for r in rows]
+        acc_ax.plot(epochs, [r["val_acc"] for r in rows], style, markersize=3, label=f"{phase} val")
+        loss_ax.plot(epochs, [r["train_loss"] for r in rows], style, markersize=3, label=f"{phase} train")
+        offset += len(rows)
+    acc_ax.set(xlabel="epoch (Phase B continues Phase A)", ylabel="validation accuracy (%)")
+    loss_ax.set(xlabel="epoch (Phase B continues Phase A)", ylabel="training loss (cross-entropy)")
+    for ax in (acc_ax, loss_ax):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    config = exp["config"]
+    fig.suptitle(f"exp{number}: {config['dataset']}, {exp['results']['actual_train_samples']:,} images, "
+                 f"J={config['n_blocks']} L={config['L']} {config['modulus_type']}", fontsize=10)
+    save(plt, fig, path)
+
+
+def save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    if not plt.isinteractive():
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- learnt filters
+
+def model_from_checkpoint(path):
+    """The ScatteringNet of a train.py / quick_check.py checkpoint, rebuilt from the config it carries."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        config = ckpt["config"]
+    except (OSError, RuntimeError, KeyError, TypeError) as e:
+        die(f"--filters: cannot read a checkpoint from {path} ({type(e).__name__}: {e})")
+    info = data.INFO[config["dataset"]]
+    model = ScatteringNet(config["n_blocks"], info.in_channels, info.spatial, info.nb_classes, L=config["L"],
+                          kernel_size=config["kernel_size"], modulus_type=config["modulus_type"],
+                          mixing_horizon=config["mixing_horizon"], global_avg_pool=config["global_avg_pool"],
+                          lowpass_last=config["lowpass_last"], padding_mode=config.get("padding_mode", "zeros"))
+    model.load_state_dict(ckpt["state_dict"])
+    return model
+
+
+def plot_filters(plt, block, path, channel=0):
+    """Real and imaginary parts per orientation, Morlet init above the learnt filter, and the low-pass."""
+    learnt = block.diagonal_filters()
+    bank = wavelet_kernels.filter_bank(block.L, block.kernel_size)
+    rows = [("Morlet Re", bank["psi"].real, bank["phi"]), ("Morlet Im", bank["psi"].imag, None),
+            ("learnt Re", learnt["psi"][channel].real, learnt["phi"][channel]),
+            ("learnt Im", learnt["psi"][channel].imag, None)]
+    fig, axes = plt.subplots(len(rows), block.L + 1, figsize=(1.2 * (block.L + 1), 1.3 * len(rows)))
+    for (name, psi, phi), ax_row in zip(rows, axes):
+        scale = np.abs(psi).max()
+        for l, ax in enumerate(ax_row[:-1]):
+            ax.imshow(psi[l], cmap="RdBu_r", vmin=-scale, vmax=scale)
+            ax.set_title(f"l={l}" if name == "Morlet Re" else "", fontsize=7)
+        if phi is not None:
+            ax_row[-1].imshow(phi, cmap="gray")
+            ax_row[-1].set_title("phi", fontsize=7)
+        else:
+            ax_row[-1].axis("off")
+        ax_row[0].set_ylabel(name, fontsize=7)
+        for ax in ax_row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(f"block 0, input channel {channel}: wavelets before (Morlet) and after training", fontsize=9)
+    save(plt, fig, path)
+
+
+def report_filters(plt, checkpoint, plots_dir):
+    model = model_from_checkpoint(checkpoint)
+    block = model.blocks[0]
+    if block.lowpass_only:
+        die(f"--filters: block 0 of {checkpoint} is low-pass only: it has no wavelets to draw")
+    movement = model.filter_movement(fft_size=256)[0]
+    table = pd.DataFrame(movement["orientations"]).set_index("orientation")
+    print(f"block 0 of {checkpoint}: how far each wavelet moved from its Morlet init (mean over input channels)")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    path = os.path.join(plots_dir, "filters_block0.png")
+    plot_filters(plt, block, path)
+    print(f"saved {path}")
+
+
+# ----------------------------------------------------------------------------- main
+
+def pyplot(interactive):
+    import matplotlib
+
+    if not interactive:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def main(args):
+    if not os.path.isdir(args.results_dir):
+        die(f"--results-dir {args.results_dir} is not a folder")
+    plots_dir = os.path.join(args.results_dir, "plots")
+    plt = pyplot(args.interactive)
+    if args.filters:
+        os.makedirs(plots_dir, exist_ok=True)
+        report_filters(plt, args.filters, plots_dir)
+    else:
+        analyze_results(plt, args, plots_dir)
+    if args.interactive:
+        plt.show()
+
+
+def format_table(table):
+    """The summary as text: accuracies to 0.01 points, filter deltas to 4 decimals, counts with separators."""
+    formats = {"head_acc": "{:.2f}", "finetune_acc": "{:.2f}", "finetune_gain": "{:+.2f}",
+               "filter_delta_l2": "{:.4f}", "filter_delta_relative": "{:.4f}", "train_size": "{:,}",
+               "n_params_total": "{:,}", "n_params_trainable": "{:,}"}
+    return table.drop(columns="path").to_string(formatters={k: v.format for k, v in formats.items()})
+
+
+def analyze_results(plt, args, plots_dir):
+    experiments = load_experiments(args.results_dir)
+    if not experiments:
+        die(f"no usable results_*.json under {args.results_dir} (run train.py --save-dir {args.results_dir}/... first)")
+    table = summary_table(experiments)
+    os.makedirs(plots_dir, exist_ok=True)
+    print(format_table(table))
+    saved = [os.path.join(plots_dir, "summary.csv")]
+    table.to_csv(saved[0])
+    for name, plot in (("plot_size_vs_accuracy.png", plot_size_vs_accuracy),
+                       ("plot_size_vs_gain.png", plot_size_vs_gain), ("plot_delta_vs_gain.png", plot_delta_vs_gain)):
+        saved.append(os.path.join(plots_dir, name))
+        plot(plt, table, saved[-1])
+    if args.curves:
+        os.makedirs(os.path.join(plots_dir, "curves"), exist_ok=True)
+        by_path = dict(experiments)
+        for number, path in table.path.items():
+            saved.append(os.path.join(plots_dir, "curves", f"curves_exp{number}.png"))
+            plot_curves(plt, by_path[path], number, saved[-1])
+    r = pearson_r(table.filter_delta_relative, table.finetune_gain)
+    print(f"Pearson r (filter_delta_relative vs finetune_gain): {'undefined' if r is None else f'{r:.3f}'}")
+    print("saved " + "\n      ".join(saved))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,116 @@
+"""analyze.py on results written by a real short train.py run, plus hand-made edge cases."""
+import copy
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import analyze
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("plot_size_vs_accuracy.png", "plot_size_vs_gain.png", "plot_delta_vs_gain.png")
+
+
+def run_script(script, *args):
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("runs") / "real"
+    proc = run_script("train.py", "--dataset", "synthetic", "--train-size", "500", "--n-blocks", "1", "--L", "4",
+                      "--epochs", "2", "--global-batch-size", "50", "--seed", "0", "--print-freq", "0",
+                      "--threads", "1", "--lr-extractor", "1e-3", "--save-dir", str(save_dir))
+    assert proc.returncode == 0, proc.stderr
+    (path,) = glob.glob(str(save_dir / "results_*.json"))
+    return save_dir.parent, json.load(open(path))
+
+
+def write_variant(folder, name, base, train_size, head_acc, finetune_acc, delta):
+    exp = copy.deepcopy(base)
+    exp["results"].update(actual_train_samples=train_size, head_acc=head_acc, finetune_acc=finetune_acc,
+                          finetune_gain=finetune_acc - head_acc, filter_delta_relative=delta)
+    os.makedirs(folder / name, exist_ok=True)
+    (folder / name / "results_20260101-000000.json").write_text(json.dumps(exp))
+    return exp
+
+
+def is_png(path):
+    return open(path, "rb").read(8) == PNG_MAGIC
+
+
+def test_table_plots_and_curves_from_a_real_run_and_edge_cases(real_run):
+    results_dir, real = real_run
+    write_variant(results_dir, "small", real, 50, 40.0, 35.5, 0.30)  # a negative gain
+    write_variant(results_dir, "large", real, 4000, 90.0, 93.0, 0.10)
+    (results_dir / "corrupt").mkdir()
+    (results_dir / "corrupt" / "results_bad.json").write_text("{not json")
+    (results_dir / "corrupt" / "results_partial.json").write_text(json.dumps({"config": real["config"]}))
+    proc = run_script("analyze.py", "--results-dir", str(results_dir), "--curves")
+    assert proc.returncode == 0, proc.stderr
+    warnings = proc.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all(w.startswith("warning: skipping ") for w in warnings)
+    assert "results_bad.json: missing unreadable (JSONDecodeError)" in proc.stderr
+    assert "results_partial.json: missing results.head_acc" in proc.stderr
+
+    table = pd.read_csv(results_dir / "plots" / "summary.csv", index_col="exp")
+    assert list(table.train_size) == [50, 500, 4000] and list(table.index) == [1, 2, 3]
+    real_row = table.loc[2]
+    for key in ("head_acc", "finetune_acc", "finetune_gain", "filter_delta_l2", "filter_delta_relative",
+                "n_params_total", "n_params_trainable"):
+        assert real_row[key] == pytest.approx(real["results"][key]), key
+    assert real_row.dataset == "synthetic" and real_row.n_blocks == 1 and real_row.L == 4
+    assert table.loc[1].finetune_gain == pytest.approx(-4.5)
+    for name in PLOTS:
+        assert is_png(results_dir / "plots" / name)
+    assert sorted(os.listdir(results_dir / "plots" / "curves")) == [f"curves_exp{i}.png" for i in (1, 2, 3)]
+    r = np.corrcoef(table.filter_delta_relative, table.finetune_gain)[0, 1]
+    assert f"Pearson r (filter_delta_relative vs finetune_gain): {r:.3f}" in proc.stdout
+    assert f"{real['results']['head_acc']:.2f}" in proc.stdout.splitlines()[3]
+
+
+def test_one_experiment_says_r_is_undefined(real_run, tmp_path):
+    _, real = real_run
+    write_variant(tmp_path, "only", real, 500, 80.0, 82.0, 0.2)
+    proc = run_script("analyze.py", "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "Pearson r (filter_delta_relative vs finetune_gain): undefined" in proc.stdout
+    assert all(is_png(tmp_path / "plots" / name) for name in PLOTS)
+
+
+def test_pearson_r():
+    assert analyze.pearson_r([1, 2], [3, 4]) is None
+    assert analyze.pearson_r([1, 1, 1], [3, 4, 5]) is None
+    assert analyze.pearson_r([1, 2, 3], [2, 4, 7]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1])
+
+
+def test_filters_of_a_real_checkpoint(real_run, tmp_path):
+    results_dir, _ = real_run
+    proc = run_script("analyze.py", "--results-dir", str(tmp_path), "--filters",
+                      str(results_dir / "real" / "phase_b" / "best.pth"))
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert "relative_l2" in lines[1] and len(lines) == 3 + 4 + 1  # header, column row, index row, 4 orientations
+    moved = [float(line.split()[1]) for line in lines[3:7]]
+    assert all(0 < m < 1 for m in moved)  # trained with lr 1e-3 for 2 epochs: moved, but still near Morlet
+    assert is_png(tmp_path / "plots" / "filters_block0.png")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--results-dir", "EMPTY"], "error: no usable results_*.json under EMPTY"),
+    (["--results-dir", "MISSING/x"], "error: --results-dir MISSING/x is not a folder"),
+    (["--results-dir", "EMPTY", "--filters", "MISSING/best.pth"], "error: --filters: cannot read a checkpoint from "
+                                                                  "MISSING/best.pth (FileNotFoundError"),
+])
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
+    args = [a.replace("EMPTY", str(tmp_path)).replace("MISSING", str(tmp_path / "missing")) for a in args]
+    message = message.replace("EMPTY", str(tmp_path)).replace("MISSING", str(tmp_path / "missing"))
+    proc = run_script("analyze.py", *args)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(message)
