@@ -13,7 +13,7 @@ import os
 import time
 
 import train
-from utils import cleanup_distributed, die, format_seconds, is_main_process, main_print
+from utils import cleanup_distributed, die, format_seconds, main_print
 
 
 def get_args_parser():
@@ -40,16 +40,10 @@ def main(args):
     args.seed = env["seed"]
     model = train.build_model(args, env["data"].info, env["device"], learnable=args.learnable)
     train.describe_run(env, model, "quick_check.py")
-    runner = train.wrap_model(model, env["device"], env["world_size"], args.compile)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train.adamw([{"params": trainable, "lr": args.lr}], args.weight_decay)
-    if is_main_process():
-        os.makedirs(args.save_dir, exist_ok=True)
-    _, best_acc, best_epoch = train.run_phase("quick_check", model, runner, optimizer,
-                                              train.cosine(optimizer, args.epochs), env, args, args.save_dir, [])
+    best_acc, best_epoch, curves = train.fit_single_phase("quick_check", model, env, args, args.save_dir)
     main_print(f"best val acc {best_acc:.2f}% (epoch {best_epoch}) in {format_seconds(time.perf_counter() - start)}; "
                f"model saved to {os.path.join(args.save_dir, 'best.pth')}")
-    return best_acc
+    return {"best_acc": best_acc, "best_epoch": best_epoch, "curves": curves}
 
 
 if __name__ == "__main__":

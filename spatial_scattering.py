@@ -160,20 +160,54 @@ class ScatteringBlock(nn.Module):
         nn.init.constant_(conv.weight, AVG_POOL_2X2)
         return conv
 
-    def fused_weight(self):
+    def fused_weight(self, groups=None):
         """The composed stride-2 kernels of [phi, psi_real, psi_imag], ordered by group.
 
         Returns (g * (C + 2CL) / g, C/g, K+1, K+1): for grouped convolutions
         the output channels of each group must be contiguous, so the three
-        filter sets are interleaved group by group.
+        filter sets are interleaved group by group. ``groups=C`` (per channel)
+        keeps only each output's own input channel: equal to the block's
+        convolution only while the weights are block-diagonal.
         """
-        g = self.groups
-        parts = [compose_downsampling(self.phi_conv.weight, self.phi_pool.weight)]
+        g = groups or self.groups
+        convs = [(self.phi_conv, self.phi_pool)]
         if not self.lowpass_only:
-            parts += [compose_downsampling(self.psi_real.weight, self.psi_pool.weight),
-                      compose_downsampling(self.psi_imag.weight, self.psi_pool.weight)]
+            convs += [(self.psi_real, self.psi_pool), (self.psi_imag, self.psi_pool)]
+        parts = [compose_downsampling(self._planes(conv.weight, g), pool.weight) for conv, pool in convs]
         per_group = [w.reshape(g, -1, *w.shape[1:]) for w in parts]  # (O, I/g, k, k) -> (g, O/g, I/g, k, k)
         return torch.cat(per_group, dim=1).flatten(0, 1)  # (g, sum O/g, I/g, k, k) -> (g*sum O/g, I/g, k, k)
+
+    def _planes(self, weight, groups):
+        """weight (O, C/self.groups, K, K) as the weight of a convolution with ``groups`` groups."""
+        if groups == self.groups:
+            return weight
+        return weight[self._own_input(weight)].unsqueeze(1)  # (O, C/g, K, K) -> (O, 1, K, K)
+
+    def _own_input(self, weight):
+        """Index (outputs, in-group input) of each output's own input channel: c for outputs c*P + p."""
+        out = torch.arange(len(weight), device=weight.device)
+        return out, out // (len(weight) // self.in_channels) % (self.in_channels // self.groups)
+
+    def is_frozen_block_diagonal(self):
+        """True when no weight trains and every output sees only its own input channel (as at init).
+
+        Then the forward pass runs per channel (groups=C): the same result for
+        C/g times fewer multiply-adds. Cached until a weight changes (in-place
+        updates bump a tensor's version counter; moves change its storage).
+        """
+        convs = [self.phi_conv] + ([] if self.lowpass_only else [self.psi_real, self.psi_imag])
+        weights = [conv.weight for conv in convs]
+        if self.groups == self.in_channels or any(w.requires_grad for w in weights):
+            return False
+        key = tuple((w.data_ptr(), w._version) for w in weights)
+        if getattr(self, "_diagonal_cache", (None,))[0] != key:
+            self._diagonal_cache = (key, all(self._off_diagonal_is_zero(w) for w in weights))
+        return self._diagonal_cache[1]
+
+    def _off_diagonal_is_zero(self, weight):
+        off_diagonal = torch.ones(weight.shape[:2], dtype=torch.bool, device=weight.device)
+        off_diagonal[self._own_input(weight)] = False
+        return not bool(weight[off_diagonal].any())
 
     def _check_input(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -191,9 +225,10 @@ class ScatteringBlock(nn.Module):
     def forward(self, x):
         self._check_input(x)
         x, padding = self._pad(x)
-        y = F.conv2d(x, self.fused_weight(), stride=2, padding=padding, groups=self.groups)
+        g = self.in_channels if self.is_frozen_block_diagonal() else self.groups
+        y = F.conv2d(x, self.fused_weight(g), stride=2, padding=padding, groups=g)
         B, _, H, W = y.shape
-        C, CL, g = self.in_channels, self.in_channels * self.L, self.groups
+        C, CL = self.in_channels, self.in_channels * self.L
         if self.lowpass_only:
             return y
         y = y.view(B, g, (C + 2 * CL) // g, H, W)  # (B, g*(C+2CL)/g, H, W) -> (B, g, (C+2CL)/g, H, W)

@@ -276,6 +276,22 @@ def cosine(optimizer, epochs):
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
 
 
+def fit_single_phase(phase, model, env, args, save_dir):
+    """quick_check.py's training: AdamW on every trainable parameter at --lr, cosine over --epochs.
+
+    Saves <save-dir>/best.pth and last.pth; returns (best val acc, its epoch, the per-epoch curves).
+    """
+    runner = wrap_model(model, env["device"], env["world_size"], args.compile)
+    optimizer = adamw([{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}],
+                      args.weight_decay)
+    if is_main_process():
+        os.makedirs(save_dir, exist_ok=True)
+    curves = []
+    _, best_acc, best_epoch = run_phase(phase, model, runner, optimizer, cosine(optimizer, args.epochs), env, args,
+                                        save_dir, curves)
+    return best_acc, best_epoch, curves
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 def find_resume_point(save_dir, resume):

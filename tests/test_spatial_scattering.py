@@ -220,3 +220,33 @@ def test_filter_movement_sees_a_rotated_wavelet():
     assert rows[0]["init_angle_deg"] == pytest.approx(45.0, abs=2)  # (L/2 - 1 - 0) * 180 / L
     assert rows[0]["peak_angle_deg"] == pytest.approx((45.0 + 67.5) / 2, abs=2)  # circular mean of 45 and 67.5
     assert rows[0]["peak_frequency"] == pytest.approx(wk.XI_0, abs=0.1)
+
+
+def trainable_twin(block):
+    """The same block with trainable weights: it always runs the block's own (dense or grouped) convolution."""
+    twin = ScatteringBlock(block.in_channels, block.L, block.kernel_size, block.modulus_type, True,
+                           block.mixing_horizon, block.lowpass_only, block.padding_mode)
+    twin.load_state_dict(block.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("mixing_horizon,lowpass_only,modulus_type", [
+    (None, False, "complex_modulus"), (3, False, "phase_relu"), (None, True, "complex_modulus")])
+def test_frozen_block_diagonal_runs_per_channel_with_the_same_output(mixing_horizon, lowpass_only, modulus_type):
+    torch.manual_seed(0)
+    block = ScatteringBlock(6, L=4, learnable=False, mixing_horizon=mixing_horizon, lowpass_only=lowpass_only,
+                            modulus_type=modulus_type)
+    x = torch.randn(2, 6, 16, 16)
+    assert block.is_frozen_block_diagonal() and not trainable_twin(block).is_frozen_block_diagonal()
+    torch.testing.assert_close(block(x), trainable_twin(block)(x), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # output 0 (channel 0) now also sees input channel 1: no longer block-diagonal
+        block.phi_conv.weight[0, 1, 3, 3] = 0.5
+    assert not block.is_frozen_block_diagonal()
+    torch.testing.assert_close(block(x), trainable_twin(block)(x), rtol=1e-5, atol=1e-6)
+    block.load_state_dict(ScatteringBlock(6, L=4, mixing_horizon=mixing_horizon, lowpass_only=lowpass_only,
+                                          modulus_type=modulus_type).state_dict())
+    assert block.is_frozen_block_diagonal()  # a fresh init is diagonal again
+
+
+def test_per_channel_blocks_never_take_the_shortcut():
+    assert not ScatteringBlock(3, L=4, learnable=False, mixing_horizon=1).is_frozen_block_diagonal()

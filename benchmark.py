@@ -1,0 +1,323 @@
+"""Speed and accuracy of ScatteringNet against kymatio and pytorch_wavelets, in one process.
+
+    pip install -r requirements-bench.txt
+    python benchmark.py --device cpu --threads 2 --cases cifar --batch-sizes 128
+    # 2 CPU cores (BENCHMARKS.md): fixed per-channel ScatteringNet forward ~6x kymatio's throughput
+    python benchmark.py --device cpu --threads 2 --training     # quick_check epoch: fast path vs DataLoader
+    python benchmark.py --device cpu --threads 2 --accuracy     # same head on full Fashion-MNIST, both transforms
+
+Speed rows: images/s and ms per batch (median of repeated calls after warm-up),
+peak memory on CUDA, and the ratio of images/s to kymatio's for the same case,
+batch and pass. Every system computes scattering features only (no classifier):
+ScatteringNet.features, kymatio's Scattering2D(J, shape, L=8), and a cascade of
+J pytorch_wavelets ScatLayer (DTCWT, 6 orientations). Results also go to --json.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn as nn
+
+import quick_check
+import train
+from scattering_net import ScatteringNet, count_parameters
+from utils import die
+
+# (channels, spatial size, J): the shapes of CIFAR-10, Fashion-MNIST and ImageNet.
+CASES = {"cifar": (3, 32, 2), "fmnist": (1, 28, 2), "imagenet2": (3, 224, 2), "imagenet4": (3, 224, 4)}
+# ScatteringNet configurations: (learnable, modulus_type, mixing_horizon).
+OURS = {"ours-fixed-per-channel": (False, "complex_modulus", 1), "ours-dense": (True, "complex_modulus", None),
+        "ours-phase_relu": (True, "phase_relu", None)}
+L_ORIENTATIONS = 8
+# A weight tensor beyond this many parameters is not worth timing (the dense 4-block net has billions).
+MAX_PARAMS = 50_000_000
+# Timing: at least MIN_REPEATS calls and about MIN_SECONDS of them, after WARMUP calls; one call when a
+# call takes longer than SLOW_CALL_SECONDS (the big CPU rows).
+WARMUP, MIN_REPEATS, MAX_REPEATS, MIN_SECONDS, SLOW_CALL_SECONDS = 2, 3, 30, 2.0, 5.0
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {list(CASES)}")
+    parser.add_argument("--batch-sizes", default="1,128,512", help="comma-separated")
+    parser.add_argument("--systems", default="ours,kymatio,pytorch_wavelets",
+                        help="comma-separated: ours, kymatio, pytorch_wavelets")
+    parser.add_argument("--training", action="store_true",
+                        help="instead: one quick_check.py epoch on Fashion-MNIST, fast path vs DataLoader path")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="instead: fixed ScatteringNet vs kymatio, same BN + linear head, full Fashion-MNIST")
+    parser.add_argument("--epochs", type=int, default=30, help="--accuracy: epochs for each model")
+    parser.add_argument("--workers", type=int, default=2, help="--training: DataLoader workers")
+    parser.add_argument("--json", default="benchmark_results.json", help="where to write the rows")
+    return parser
+
+
+# ----------------------------------------------------------------------------- the systems
+
+def kymatio_scattering(J, spatial):
+    # kymatio 0.3.0: `import kymatio.torch` also loads the 3-D frontend, which needs SciPy's
+    # removed sph_harm; the 2-D torch frontend alone does not.
+    from kymatio.scattering2d.frontend.torch_frontend import ScatteringTorch2D
+
+    return ScatteringTorch2D(J=J, shape=(spatial, spatial), L=L_ORIENTATIONS)
+
+
+def dtcwt_cascade(J):
+    from pytorch_wavelets import ScatLayer
+
+    return nn.Sequential(*[ScatLayer() for _ in range(J)])
+
+
+class Features(nn.Module):
+    """ScatteringNet.features as a module (no BN, no classifier)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net.features(x)
+
+
+def systems_for(case, names):
+    """[(name, build function, learnable)] for one case; builders run lazily (big models are skipped first)."""
+    channels, spatial, J = CASES[case]
+    systems = []
+    if "kymatio" in names:
+        systems.append(("kymatio", lambda: kymatio_scattering(J, spatial), False))
+    if "pytorch_wavelets" in names:
+        systems.append(("pytorch_wavelets", lambda: dtcwt_cascade(J), False))
+    if "ours" in names:
+        for name, (learnable, modulus, horizon) in OURS.items():
+            systems.append((name, lambda l=learnable, m=modulus, h=horizon: Features(
+                ScatteringNet(J, channels, spatial, 10, L=L_ORIENTATIONS, learnable=l, modulus_type=m,
+                              mixing_horizon=h)), learnable))
+    return systems
+
+
+def too_large(name, case):
+    if not name.startswith("ours"):
+        return None
+    channels, spatial, J = CASES[case]
+    learnable, modulus, horizon = OURS[name]
+    n = count_parameters(J, channels, spatial, 10, L_ORIENTATIONS, 7, modulus, horizon)["n_params_extractor"]
+    return f"{n:,} parameters" if n > MAX_PARAMS else None
+
+
+# ----------------------------------------------------------------------------- timing
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_calls(fn, device):
+    """Median seconds of one call of fn (and the number of timed calls)."""
+    times = []
+    for i in range(WARMUP + MAX_REPEATS):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        elapsed = time.perf_counter() - start
+        if i == 0 and elapsed > SLOW_CALL_SECONDS:
+            return elapsed, 1
+        if i >= WARMUP:
+            times.append(elapsed)
+            if len(times) >= MIN_REPEATS and sum(times) >= MIN_SECONDS:
+                break
+    return statistics.median(times), len(times)
+
+
+def measure(module, x, backward, device):
+    """One row's numbers: ms per batch, images/s, calls, peak CUDA memory (GiB, None on CPU)."""
+    if backward:
+        x = x.detach().requires_grad_(True)  # so that every system back-propagates, learnable or not
+
+        def call():
+            module(x).sum().backward()
+    else:
+        def call():
+            with torch.no_grad():
+                module(x)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds, calls = time_calls(call, device)
+    peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    return {"ms_per_batch": 1000 * seconds, "img_per_s": len(x) / seconds, "calls": calls, "peak_mem_gib": peak}
+
+
+def speed_rows(args, device):
+    rows = []
+    for case in args.cases:
+        channels, spatial, _ = CASES[case]
+        for name, build, learnable in systems_for(case, args.systems):
+            reason = too_large(name, case)
+            module = None if reason else build().to(device)
+            for batch in args.batch_sizes:
+                for backward in (False, True):
+                    row = {"case": case, "system": name, "batch": batch,
+                           "pass": "forward+backward" if backward else "forward"}
+                    if reason:
+                        rows.append({**row, "skipped": reason})
+                        continue
+                    x = torch.randn(batch, channels, spatial, spatial, device=device)
+                    try:
+                        rows.append({**row, **measure(module, x, backward, device)})
+                    except (torch.OutOfMemoryError, RuntimeError) as e:  # CPU allocation failures are RuntimeError
+                        rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"})
+                        if device.type == "cuda":
+                            torch.cuda.empty_cache()
+                    print(format_row(rows[-1]), flush=True)
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows):
+    """ratio_to_kymatio: images/s over kymatio's for the same case, batch and pass."""
+    kymatio = {(r["case"], r["batch"], r["pass"]): r["img_per_s"] for r in rows
+               if r["system"] == "kymatio" and "img_per_s" in r}
+    for r in rows:
+        reference = kymatio.get((r["case"], r["batch"], r["pass"]))
+        r["ratio_to_kymatio"] = r["img_per_s"] / reference if reference and "img_per_s" in r else None
+
+
+def rate(img_per_s):
+    return f"{img_per_s:,.0f}" if img_per_s >= 100 else f"{img_per_s:.3g}"
+
+
+def format_row(r):
+    if "skipped" in r:
+        return f"{r['case']:<10} {r['system']:<24} {r['batch']:>5} {r['pass']:<17} skipped: {r['skipped']}"
+    peak = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "-"
+    return (f"{r['case']:<10} {r['system']:<24} {r['batch']:>5} {r['pass']:<17} {rate(r['img_per_s']):>10} img/s "
+            f"{r['ms_per_batch']:>10.2f} ms  {peak}")
+
+
+def markdown_table(rows):
+    lines = ["| case | system | batch | pass | images/s | ms/batch | peak mem | vs kymatio |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['case']} | {r['system']} | {r['batch']} | {r['pass']} | skipped: {r['skipped']} "
+                         f"| | | |")
+            continue
+        peak = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "-"
+        ratio = f"{r['ratio_to_kymatio']:.2f}x" if r["ratio_to_kymatio"] else "-"
+        lines.append(f"| {r['case']} | {r['system']} | {r['batch']} | {r['pass']} | {rate(r['img_per_s'])} | "
+                     f"{r['ms_per_batch']:.2f} | {peak} | {ratio} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- training side
+
+def quick_check_args(*flags):
+    return quick_check.get_args_parser().parse_args(["--dataset", "fashion-mnist", "--seed", "0", *flags])
+
+
+def training_rows(args, device):
+    """One quick_check.py epoch (fixed 2-block L=8, dense) with each data path; train images/s and seconds."""
+    rows = []
+    for label, flags in (("fast path", ["--fast-path"]), ("DataLoader", ["--no-fast-path", "--workers",
+                                                                          str(args.workers)])):
+        with tempfile.TemporaryDirectory() as save_dir:
+            run = quick_check.main(quick_check_args("--epochs", "1", "--print-freq", "0", "--device", str(device),
+                                                    "--save-dir", save_dir, *flags))
+        epoch = run["curves"][0]
+        rows.append({"data_path": label, "train_img_per_s": epoch["img_per_s"],
+                     "train_seconds": 60_000 / epoch["img_per_s"], "epoch_seconds_with_eval": epoch["seconds"]})
+        print(f"{label:<11} {epoch['img_per_s']:,.0f} img/s, {rows[-1]['train_seconds']:.1f} s per training epoch")
+    print(f"fast path / DataLoader: {rows[0]['train_img_per_s'] / rows[1]['train_img_per_s']:.2f}x")
+    return rows
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+class KymatioNet(nn.Module):
+    """kymatio's Scattering2D followed by the same head as ScatteringNet (BN over channels, linear)."""
+
+    def __init__(self, J, in_channels, spatial, nb_classes):
+        super().__init__()
+        self.scattering = kymatio_scattering(J, spatial)
+        channels = in_channels * (1 + J * L_ORIENTATIONS + L_ORIENTATIONS ** 2 * J * (J - 1) // 2)
+        self.bn = nn.BatchNorm2d(channels)
+        self.classifier = nn.Linear(channels * (spatial // 2 ** J) ** 2, nb_classes)
+
+    def forward(self, x):
+        S = self.scattering(x)  # (B, C, P, H, W), P scattering paths per input channel
+        S = S.flatten(1, 2)  # (B, C, P, H, W) -> (B, C*P, H, W)
+        return self.classifier(self.bn(S).flatten(1))
+
+
+def accuracy_rows(args, device):
+    """Both transforms frozen, the same head, loop, data, epochs and seed (quick_check.py's training)."""
+    rows = []
+    run_args = quick_check_args("--epochs", str(args.epochs), "--print-freq", "0", "--device", str(device),
+                                "--mixing-horizon", "1", "--lr", "5e-3")
+    env = train.setup(run_args, run_args.batch_size)
+    info = env["data"].info
+    ours = train.build_model(run_args, info, env["device"], learnable=False)
+    torch.manual_seed(run_args.seed)
+    theirs = KymatioNet(run_args.n_blocks, info.in_channels, info.spatial, info.nb_classes).to(env["device"])
+    for name, model in (("ScatteringNet (fixed, 2 blocks, L=8)", ours), ("kymatio Scattering2D(J=2, L=8)", theirs)):
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as save_dir:
+            best, epoch, curves = train.fit_single_phase(name, model, env, run_args, save_dir)
+        rows.append({"model": name, "best_test_acc": best, "best_epoch": epoch, "epochs": len(curves),
+                     "seconds": time.perf_counter() - start, "head_params": sum(
+                         p.numel() for p in model.parameters() if p.requires_grad)})
+        print(f"{name}: best test accuracy {best:.2f}% (epoch {epoch}/{len(curves)}), "
+              f"{rows[-1]['seconds']:.0f} s", flush=True)
+    print(f"difference: {rows[0]['best_test_acc'] - rows[1]['best_test_acc']:+.2f} points")
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+def parse_list(flag, text, allowed=None, cast=str):
+    try:
+        values = [cast(v) for v in text.split(",") if v]
+    except ValueError:
+        die(f"{flag}: expected comma-separated values, got {text!r}")
+    bad = [v for v in values if (allowed is not None and v not in allowed) or (cast is int and v < 1)]
+    if bad or not values:
+        die(f"{flag}: invalid value(s) {bad or text!r}" + (f"; choose from {list(allowed)}" if allowed else ""))
+    return values
+
+
+def machine():
+    return {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "cpu": platform.processor() or
+            platform.machine(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def main(args):
+    args.cases = parse_list("--cases", args.cases, CASES)
+    args.systems = parse_list("--systems", args.systems, ("ours", "kymatio", "pytorch_wavelets"))
+    args.batch_sizes = parse_list("--batch-sizes", args.batch_sizes, cast=int)
+    device = train.pick_device(args.device, 0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.epochs < 1:
+        die(f"--epochs must be >= 1, got {args.epochs}")
+    kind = "accuracy" if args.accuracy else "training" if args.training else "speed"
+    print(f"benchmark.py {kind} on {device}: {machine()}")
+    run = {"speed": speed_rows, "training": training_rows, "accuracy": accuracy_rows}[kind]
+    rows = run(args, device)
+    if kind == "speed":
+        print(markdown_table(rows))
+    with open(args.json, "w") as f:
+        json.dump({"kind": kind, "machine": machine(), "rows": rows}, f, indent=1)
+    print(f"rows written to {args.json}")
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,49 @@
+"""benchmark.py's bookkeeping (the timings themselves live in BENCHMARKS.md, not in tests)."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import benchmark
+
+ROOT = benchmark.os.path.dirname(benchmark.os.path.abspath(benchmark.__file__))
+
+
+def test_ratios_are_against_kymatio_for_the_same_case_batch_and_pass():
+    rows = [{"case": "cifar", "system": "kymatio", "batch": 128, "pass": "forward", "img_per_s": 1000.0},
+            {"case": "cifar", "system": "ours-dense", "batch": 128, "pass": "forward", "img_per_s": 4500.0},
+            {"case": "cifar", "system": "ours-dense", "batch": 1, "pass": "forward", "img_per_s": 50.0},
+            {"case": "cifar", "system": "ours-dense", "batch": 128, "pass": "forward+backward", "skipped": "x"}]
+    benchmark.add_ratios(rows)
+    assert [r["ratio_to_kymatio"] for r in rows] == [1.0, 4.5, None, None]
+
+
+def test_dense_four_blocks_at_imagenet_size_are_skipped_not_built():
+    assert benchmark.too_large("ours-dense", "imagenet4") == "4,034,104,308 parameters"
+    assert benchmark.too_large("ours-fixed-per-channel", "imagenet4") is None
+    assert benchmark.too_large("kymatio", "imagenet4") is None
+
+
+def test_ours_only_speed_run_writes_json(tmp_path):
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "benchmark.py", "--systems", "ours", "--cases", "fmnist",
+                           "--batch-sizes", "2", "--threads", "1", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    saved = json.loads(out.read_text())
+    assert saved["kind"] == "speed" and len(saved["rows"]) == 6  # 3 configurations x 2 passes
+    assert all(r["img_per_s"] > 0 and r["ratio_to_kymatio"] is None for r in saved["rows"])
+    assert "| fmnist | ours-fixed-per-channel | 2 | forward |" in proc.stdout
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--cases", "mnist"], "error: --cases: invalid value(s) ['mnist']; choose from ['cifar', 'fmnist', 'imagenet2', "
+                           "'imagenet4']"),
+    (["--batch-sizes", "0"], "error: --batch-sizes: invalid value(s) [0]"),
+    (["--batch-sizes", "x"], "error: --batch-sizes: expected comma-separated values, got 'x'"),
+])
+def test_bad_flags_exit_2(flags, message):
+    proc = subprocess.run([sys.executable, "benchmark.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == message
