@@ -46,14 +46,24 @@ def _positive_int(name, value):
 
 
 def plan_blocks(n_blocks, in_channels, in_spatial, L=8, kernel_size=7, modulus_type="complex_modulus",
-                mixing_horizon=None, lowpass_last=False):
-    """Per-block plans of a ScatteringNet configuration; ValueError if it is impossible."""
+                mixing_horizon=None, lowpass_last=False, padding_mode="zeros"):
+    """Per-block plans of a ScatteringNet configuration; ValueError if it is impossible.
+
+    Each block halves the resolution, rounding down like a 2 x 2 stride-2
+    pooling (224 -> 112 -> 56 -> 28 -> 14 -> 7 -> 3 for SPEC.md's 6-block
+    ImageNet run), so every block needs at least 2 x 2 input; 'reflect'
+    padding also needs more input pixels than the kernel's half-width.
+    """
     for name, value in (("n_blocks", n_blocks), ("in_channels", in_channels), ("in_spatial", in_spatial), ("L", L)):
         _positive_int(name, value)
     check_kernel_size(kernel_size)
-    if in_spatial % 2 ** n_blocks:
-        raise ValueError(f"in_spatial={in_spatial} is not divisible by 2**n_blocks={2 ** n_blocks}: "
-                         f"each block halves the resolution")
+    smallest = in_spatial // 2 ** (n_blocks - 1)  # the last block's input size
+    if smallest < 2:
+        raise ValueError(f"in_spatial={in_spatial} is too small for n_blocks={n_blocks}: the last block would get "
+                         f"{smallest}x{smallest} input (each block halves the resolution, rounding down)")
+    if padding_mode == "reflect" and smallest <= kernel_size // 2:
+        raise ValueError(f"padding_mode='reflect' needs every block's input larger than kernel_size // 2 = "
+                         f"{kernel_size // 2}, but the last block gets {smallest}x{smallest}")
     if modulus_type not in MODULUS_TYPES:
         raise ValueError(f"modulus_type must be one of {MODULUS_TYPES}, got {modulus_type!r}")
     plans, channels, spatial = [], in_channels, in_spatial
@@ -70,7 +80,7 @@ def plan_blocks(n_blocks, in_channels, in_spatial, L=8, kernel_size=7, modulus_t
 
 def count_parameters(n_blocks, in_channels, in_spatial, nb_classes, L=8, kernel_size=7,
                      modulus_type="complex_modulus", mixing_horizon=None, global_avg_pool=False,
-                     lowpass_last=False):
+                     lowpass_last=False, padding_mode="zeros"):
     """Parameter counts of a configuration, computed analytically (no weight is allocated).
 
     Returns a dict: ``blocks`` (list of BlockPlan), ``classifier_channels``,
@@ -80,7 +90,7 @@ def count_parameters(n_blocks, in_channels, in_spatial, nb_classes, L=8, kernel_
     """
     _positive_int("nb_classes", nb_classes)
     blocks = plan_blocks(n_blocks, in_channels, in_spatial, L, kernel_size, modulus_type, mixing_horizon,
-                         lowpass_last)
+                         lowpass_last, padding_mode)
     channels = blocks[-1].out_channels
     spatial = 1 if global_avg_pool else blocks[-1].out_spatial
     classifier_in = channels * spatial * spatial
@@ -90,6 +100,14 @@ def count_parameters(n_blocks, in_channels, in_spatial, nb_classes, L=8, kernel_
     return {"blocks": blocks, "classifier_channels": channels, "classifier_spatial": spatial,
             "classifier_in": classifier_in, "n_params_classifier": linear, "n_params_head": head,
             "n_params_extractor": extractor, "n_params_total": extractor + head}
+
+
+def describe_plan(plan):
+    """The start-up table of a configuration (count_parameters' dict): one line per block, classifier, total."""
+    return [b.describe() for b in plan["blocks"]] + [
+        f"classifier: {plan['classifier_channels']:,} channels x {plan['classifier_spatial']}x"
+        f"{plan['classifier_spatial']} = {plan['classifier_in']:,} inputs, {plan['n_params_classifier']:,} params",
+        f"total: {plan['n_params_total']:,} params ({plan['n_params_extractor']:,} extractor)"]
 
 
 class ScatteringNet(nn.Module):
@@ -106,7 +124,7 @@ class ScatteringNet(nn.Module):
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         self.plan = count_parameters(n_blocks, in_channels, in_spatial, nb_classes, L, kernel_size, modulus_type,
-                                     mixing_horizon, global_avg_pool, lowpass_last)
+                                     mixing_horizon, global_avg_pool, lowpass_last, padding_mode)
         self.in_channels, self.in_spatial = in_channels, in_spatial
         self.blocks = nn.Sequential(*[
             ScatteringBlock(b.in_channels, L, kernel_size, modulus_type, learnable, mixing_horizon, b.lowpass_only,
@@ -182,6 +200,7 @@ def get_args_parser():
     parser.add_argument("--mixing-horizon", type=int, default=None, help="(default: dense)")
     parser.add_argument("--global-avg-pool", action="store_true", help="pool to 1x1 before the classifier")
     parser.add_argument("--lowpass-last", action="store_true", help="last block keeps only its low-pass path")
+    parser.add_argument("--padding-mode", default="zeros", choices=PADDING_MODES, help="border handling")
     return parser
 
 
@@ -189,14 +208,10 @@ def main(args):
     try:
         plan = count_parameters(args.n_blocks, args.in_channels, args.in_spatial, args.nb_classes, args.L,
                                 args.kernel_size, args.modulus_type, args.mixing_horizon, args.global_avg_pool,
-                                args.lowpass_last)
+                                args.lowpass_last, args.padding_mode)
     except ValueError as e:
         die(e)
-    for b in plan["blocks"]:
-        print(b.describe())
-    print(f"classifier: {plan['classifier_channels']:,} channels x {plan['classifier_spatial']}x"
-          f"{plan['classifier_spatial']} = {plan['classifier_in']:,} inputs, {plan['n_params_classifier']:,} params")
-    print(f"total: {plan['n_params_total']:,} params ({plan['n_params_extractor']:,} extractor)")
+    print("\n".join(describe_plan(plan)))
 
 
 if __name__ == "__main__":

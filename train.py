@@ -22,13 +22,15 @@ import torch.nn as nn
 
 import data
 from engine import EarlyStopping, evaluate, filter_deltas, train_one_epoch, wavelet_weights
-from scattering_net import ScatteringNet, count_parameters
+from scattering_net import ScatteringNet, count_parameters, describe_plan
 from spatial_scattering import MODULUS_TYPES, PADDING_MODES
-from utils import (ExperimentLog, barrier, broadcast_object, cleanup_distributed, die, distributed_env,
-                   init_distributed, is_main_process, load_checkpoint, main_print, replicas_agree, save_checkpoint,
-                   seed_everything)
+from utils import (ExperimentLog, barrier, broadcast_object, cleanup_distributed, device_memory_bytes, die,
+                   distributed_env, init_distributed, is_main_process, load_checkpoint, main_print, replicas_agree,
+                   save_checkpoint, seed_everything)
 
 PHASES = ("phase_a", "phase_b")
+# Training with AdamW keeps 4 float32 numbers per parameter: weight, gradient, two moments.
+TRAINING_BYTES_PER_PARAM = 16
 
 
 # ----------------------------------------------------------------------------- command line
@@ -108,10 +110,22 @@ def check_common_args(args, batch_size, world_size):
         die(e)
     info = data.INFO[args.dataset]
     try:
-        count_parameters(args.n_blocks, info.in_channels, info.spatial, info.nb_classes, args.L, args.kernel_size,
-                         args.modulus_type, args.mixing_horizon, args.global_avg_pool, args.lowpass_last)
+        return count_parameters(args.n_blocks, info.in_channels, info.spatial, info.nb_classes, args.L,
+                                args.kernel_size, args.modulus_type, args.mixing_horizon, args.global_avg_pool,
+                                args.lowpass_last, args.padding_mode)
     except ValueError as e:
         die(e)
+
+
+def check_fits(plan, device):
+    """Stop before allocating a model whose weights and optimizer state alone exceed the device's memory."""
+    need, have = plan["n_params_total"] * TRAINING_BYTES_PER_PARAM, device_memory_bytes(device)
+    if need > have:
+        for line in describe_plan(plan):
+            main_print("  " + line)
+        die(f"the model has {plan['n_params_total']:,} parameters: {need / 2 ** 30:,.1f} GiB for weights, gradients "
+            f"and AdamW state, more than the {have / 2 ** 30:,.1f} GiB of {device}; --mixing-horizon, "
+            f"--global-avg-pool and --lowpass-last make it smaller (README.md, \"Fitting 5-6 blocks\")")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -134,8 +148,9 @@ def pick_device(requested, local_rank):
 def setup(args, batch_size):
     """Check the flags, start the processes, seed, and build the loaders (data.Loaders, in env['data'])."""
     rank, world_size, local_rank = distributed_env()
-    check_common_args(args, batch_size, world_size)
+    plan = check_common_args(args, batch_size, world_size)
     device = pick_device(args.device, local_rank)
+    check_fits(plan, device)
     init_distributed(device.type)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,6 +21,13 @@ def die(message):
     raise SystemExit(2)
 
 
+def device_memory_bytes(device):
+    """Total memory of a CUDA device, or the machine's RAM for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)

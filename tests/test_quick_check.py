@@ -49,8 +49,9 @@ def test_learnable_moves_the_filters(tmp_path):
     (["--workers", "-1"], "error: --workers must be >= 0, got -1"),
     (["--threads", "0"], "error: --threads must be >= 1, got 0"),
     (["--train-size", "0"], "error: --train-size count must be between 1 and the dataset size 4000, got 0"),
-    (["--dataset", "fashion-mnist", "--n-blocks", "3"],
-     "error: in_spatial=28 is not divisible by 2**n_blocks=8: each block halves the resolution"),
+    (["--dataset", "fashion-mnist", "--n-blocks", "5"], "error: in_spatial=28 is too small for n_blocks=5: the last "
+                                                        "block would get 1x1 input (each block halves the resolution, "
+                                                        "rounding down)"),
 ])
 def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path):
     proc = run_quick_check(*SMALL, "--save-dir", str(tmp_path), *flags)

@@ -101,7 +101,10 @@ def test_describe_one_line_per_block():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"in_spatial": 30}, "in_spatial=30 is not divisible by 2**n_blocks=4: each block halves the resolution"),
+    ({"in_spatial": 3}, "in_spatial=3 is too small for n_blocks=2: the last block would get 1x1 input (each block "
+                        "halves the resolution, rounding down)"),
+    ({"in_spatial": 6, "padding_mode": "reflect"},
+     "padding_mode='reflect' needs every block's input larger than kernel_size // 2 = 3, but the last block gets 3x3"),
     ({"n_blocks": 0}, "n_blocks must be a positive integer, got 0"),
     ({"nb_classes": 0}, "nb_classes must be a positive integer, got 0"),
     ({"mixing_horizon": 4}, "mixing_horizon=4 does not divide in_channels=27; valid values: [1, 3, 9, 27] "
@@ -115,6 +118,13 @@ def test_impossible_configurations(kwargs, message):
     assert str(e.value) == message
 
 
+def test_six_blocks_on_imagenet_crops_round_down_like_pooling():
+    plan = count_parameters(6, 3, 224, 1000, L=6, mixing_horizon=21, global_avg_pool=True, lowpass_last=True)
+    assert [b.out_spatial for b in plan["blocks"]] == [112, 56, 28, 14, 7, 3]
+    net = ScatteringNet(3, 1, 14, 10, L=2, kernel_size=3)  # 14 -> 7 -> 3 -> 1
+    assert net.features(torch.randn(2, 1, 14, 14)).shape == (2, 27, 1, 1)
+
+
 def test_wrong_input_shape():
     with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, 32, 32\), got \(1, 3, 28, 28\)"):
         ScatteringNet(2, 3, 32, 10)(torch.randn(1, 3, 28, 28))
@@ -124,10 +134,10 @@ def test_cli_prints_plan_and_rejects_bad_sizes():
     ok = subprocess.run([sys.executable, "scattering_net.py", "--n-blocks", "5", "--L", "6", "--in-spatial", "224",
                          "--nb-classes", "1000", "--global-avg-pool", "--lowpass-last"], capture_output=True, text=True)
     assert ok.returncode == 0 and "7,203 inputs, 7,204,000 params" in ok.stdout
-    bad = subprocess.run([sys.executable, "scattering_net.py", "--in-spatial", "30"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "scattering_net.py", "--in-spatial", "3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines() == ["error: in_spatial=30 is not divisible by 2**n_blocks=4: "
-                                               "each block halves the resolution"]
+    assert bad.stderr.strip().splitlines() == ["error: in_spatial=3 is too small for n_blocks=2: the last block would "
+                                               "get 1x1 input (each block halves the resolution, rounding down)"]
 
 
 def test_filter_movement_is_zero_at_init_and_sees_a_change():

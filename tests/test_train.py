@@ -149,7 +149,11 @@ def fingerprint(folder):
     (["--train-size", "9999"], "error: --train-size count must be between 1 and the dataset size 4000, got 9999"),
     (["--mixing-horizon", "5", "--n-blocks", "2", "--L", "8"],
      "error: mixing_horizon=5 does not divide in_channels=27; valid values: [1, 3, 9, 27] (or any value >= 27 for dense)"),
-    (["--n-blocks", "6"], "error: in_spatial=32 is not divisible by 2**n_blocks=64: each block halves the resolution"),
+    (["--n-blocks", "6"], "error: in_spatial=32 is too small for n_blocks=6: the last block would get 1x1 input "
+                          "(each block halves the resolution, rounding down)"),
+    (["--padding-mode", "reflect", "--n-blocks", "5", "--L", "2"],
+     "error: padding_mode='reflect' needs every block's input larger than kernel_size // 2 = 3, but the last block "
+     "gets 2x2"),
     (["--kernel-size", "4"], "error: kernel size K must be a positive odd integer (the grid is centred on 0), got 4"),
     (["--lr-head", "0"], "error: --lr-head must be > 0 and --lr-extractor >= 0, got 0 and 0.001"),
     (["--device", "cuda"], "error: --device cuda: CUDA is not available on this machine"),
