@@ -26,7 +26,7 @@ import torch.nn as nn
 import quick_check
 import train
 from scattering_net import ScatteringNet, count_parameters
-from utils import die
+from utils import die, keep_freed_memory
 
 # (channels, spatial size, J): the shapes of CIFAR-10, Fashion-MNIST and ImageNet.
 CASES = {"cifar": (3, 32, 2), "fmnist": (1, 28, 2), "imagenet2": (3, 224, 2), "imagenet4": (3, 224, 4)}
@@ -304,6 +304,8 @@ def main(args):
     args.systems = parse_list("--systems", args.systems, ("ours", "kymatio", "pytorch_wavelets"))
     args.batch_sizes = parse_list("--batch-sizes", args.batch_sizes, cast=int)
     device = train.pick_device(args.device, 0)
+    if device.type == "cpu":
+        keep_freed_memory()  # as train.py does on CPU
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.epochs < 1:

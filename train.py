@@ -25,8 +25,8 @@ from engine import EarlyStopping, evaluate, filter_deltas, train_one_epoch, wave
 from scattering_net import ScatteringNet, count_parameters, describe_plan
 from spatial_scattering import MODULUS_TYPES, PADDING_MODES
 from utils import (ExperimentLog, barrier, broadcast_object, cleanup_distributed, device_memory_bytes, die,
-                   distributed_env, init_distributed, is_main_process, load_checkpoint, main_print, replicas_agree,
-                   save_checkpoint, seed_everything)
+                   distributed_env, init_distributed, is_main_process, keep_freed_memory, load_checkpoint, main_print,
+                   replicas_agree, save_checkpoint, seed_everything)
 
 PHASES = ("phase_a", "phase_b")
 # Training with AdamW keeps 4 float32 numbers per parameter: weight, gradient, two moments.
@@ -152,6 +152,8 @@ def setup(args, batch_size):
     device = pick_device(args.device, local_rank)
     check_fits(plan, device)
     init_distributed(device.type)
+    if device.type == "cpu":
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     seed = broadcast_object(args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31))

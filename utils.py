@@ -2,6 +2,7 @@
 
 Nothing here imports from the project.
 """
+import ctypes
 import datetime
 import json
 import os
@@ -13,12 +14,30 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+# glibc malloc serves every block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a
+# fresh mmap and unmaps it when freed, so each forward pass page-faults its activations in again:
+# on 2 CPU cores that is half the time of a CIFAR-sized scattering forward (BENCHMARKS.md).
+# mallopt parameter numbers from glibc's malloc.h; 32 MiB is the largest threshold it accepts on 64-bit.
+GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20
+KEEP_FREED_BYTES = 2 ** 30  # freed memory kept for reuse before glibc returns it to the system
+
 
 def die(message):
     """End the program on bad input: one line on stderr (from rank 0 only), exit code 2, no traceback."""
     if distributed_env()[0] == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
+
+
+def keep_freed_memory():
+    """Make glibc malloc reuse freed blocks up to 32 MiB instead of unmapping them; False when not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(GLIBC_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)) and bool(
+        libc.mallopt(GLIBC_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
 def device_memory_bytes(device):

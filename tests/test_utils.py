@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -59,3 +61,27 @@ def test_single_process_helpers(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert utils.distributed_env() == (3, 4, 1)
+
+
+PAGE_FAULT_PROBE = """
+import resource, sys, torch, utils
+from scattering_net import ScatteringNet
+if sys.argv[1] == "keep":
+    assert utils.keep_freed_memory()
+net, x = ScatteringNet(2, 3, 32, 10, learnable=False, mixing_horizon=1), torch.randn(64, 3, 32, 32)
+with torch.no_grad():
+    net(x)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        net(x)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_keep_freed_memory_stops_page_faulting_activations_in_again():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    faults = {mode: int(subprocess.run([sys.executable, "-c", PAGE_FAULT_PROBE, mode], cwd=root, capture_output=True,
+                                       text=True, check=True).stdout) for mode in ("default", "keep")}
+    assert faults["default"] > 5 * 1000  # activations of several MiB, faulted in again on every call
+    assert faults["keep"] < faults["default"] / 10
