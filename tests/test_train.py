@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -180,3 +181,41 @@ def test_existing_run_is_never_overwritten(finished_run):
 def test_resume_with_nothing_to_resume(tmp_path):
     proc = run_train(*SMALL, "--save-dir", str(tmp_path), "--resume")
     assert proc.returncode == 2 and proc.stderr.startswith(f"error: --resume: no checkpoint to continue in {tmp_path}")
+
+
+SPEC_IMAGENET = ["--dataset", "imagenet", "--n-blocks", "6", "--L", "6", "--epochs", "90", "--lr-head", "0.01",
+                 "--lr-extractor", "0.0001", "--global-batch-size", "1024"]
+
+
+def test_spec_imagenet_command_prints_its_plan_and_says_what_makes_it_fit(tmp_path):
+    proc = run_train(*SPEC_IMAGENET, "--data-dir", str(tmp_path / "ImageNet"), "--save-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith("error: the model has 1,656,347,616,916 parameters: 24,681.5 GiB for weights")
+    assert "--mixing-horizon, --global-avg-pool and --lowpass-last make it smaller" in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[5].strip().startswith("block 5: 50,421 -> 352,947 channels, 7x7 -> 3x3")
+    assert not (tmp_path / "run").exists()
+
+
+def fake_imagenet(root, classes=2, per_class=2):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(classes):
+            os.makedirs(root / split / f"n{c:08d}")
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"n{c:08d}" / f"{i}.png")
+    return root
+
+
+def test_six_blocks_on_imagenet_images_train_with_the_fitting_flags(tmp_path):
+    data_dir = fake_imagenet(tmp_path / "ImageNet")
+    proc = run_train("--dataset", "imagenet", "--data-dir", str(data_dir), "--n-blocks", "6", "--L", "2",
+                     "--mixing-horizon", "9", "--global-avg-pool", "--lowpass-last", "--epochs", "1",
+                     "--global-batch-size", "2", "--workers", "0", "--seed", "0", "--threads", "1",
+                     "--save-dir", str(tmp_path / "run"))
+    assert proc.returncode == 0, proc.stderr
+    assert "block 5: 729 -> 729 channels, 7x7 -> 3x3" in proc.stdout and "DataLoader" in proc.stdout
+    saved = results_json(str(tmp_path / "run"))
+    assert saved["results"]["actual_train_samples"] == 4 and saved["results"]["test_samples"] == 4
