@@ -65,6 +65,7 @@ def _atomic_write(path, write):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file open()'s usual mode
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -73,6 +74,12 @@ def _atomic_write(path, write):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path, checkpoint):

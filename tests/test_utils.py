@@ -85,3 +85,12 @@ def test_keep_freed_memory_stops_page_faulting_activations_in_again():
                                        text=True, check=True).stdout) for mode in ("default", "keep")}
     assert faults["default"] > 5 * 1000  # activations of several MiB, faulted in again on every call
     assert faults["keep"] < faults["default"] / 10
+
+
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        utils.write_json(str(tmp_path / "r.json"), {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
