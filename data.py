@@ -15,7 +15,7 @@ Two pipelines draw from the same augmentation distribution (SPEC.md, "Data augme
 import gzip
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -377,15 +377,21 @@ class Loaders:
 
 
 def build_loaders(name, data_dir, train_size, batch_size, device, fast_path=None, workers=4, seed=0, rank=0,
-                  world_size=1):
+                  world_size=1, augment=True):
     """Train and validation loaders (per-rank batch_size) with the dataset's facts, as ``Loaders``.
 
     fast_path None: on for the in-memory datasets (on CPU too, where it is
     faster than worker processes for these small images), off for ImageNet.
     The subset depends only on (dataset, train_size, seed), so every rank
-    draws the same one.
+    draws the same one. augment=False trains on the images as they are (no
+    crop, no flip; in-memory datasets only): the protocol of the usual
+    fixed-scattering + linear baselines.
     """
+    if not augment and name not in IN_MEMORY:
+        raise DatasetError(f"--no-augment is for the in-memory datasets {IN_MEMORY}, not {name}")
     train, test, info = load_dataset(name, data_dir, seed)
+    if not augment:
+        info = replace(info, crop_padding=0, flip=False)
     subset = stratified_subset(dataset_labels(train), train_size, seed)
     if fast_path is None:
         fast_path = name in IN_MEMORY

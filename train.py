@@ -41,6 +41,9 @@ def add_data_args(parser, default_dataset="cifar10"):
     group.add_argument("--data-dir", default="./data", help="root folder (ImageNet: parent of train/ and val/)")
     group.add_argument("--train-size", default=None,
                        help="stratified subset: a fraction (0.1) or a count (5000); default: the whole set")
+    group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                       help="SPEC.md's training augmentation (random crop, flip where the dataset has it); "
+                            "--no-augment: none (in-memory datasets)")
 
 
 def add_model_args(parser):
@@ -160,7 +163,7 @@ def setup(args, batch_size):
     seed_everything(seed + rank)
     try:
         loaders = data.build_loaders(args.dataset, args.data_dir, args.train_size, batch_size // world_size, device,
-                                     args.fast_path, args.workers, seed, rank, world_size)
+                                     args.fast_path, args.workers, seed, rank, world_size, args.augment)
     except data.DatasetError as e:
         die(e)
     return {"rank": rank, "world_size": world_size, "device": device, "seed": seed, "data": loaders}

@@ -188,3 +188,25 @@ def test_build_loaders_subset_and_paths():
     x, y = next(iter(slow.train))
     assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32
     assert len(fast.train) == len(slow.train) == 13
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_no_augment_trains_on_the_images_as_they_are(fast_path):
+    plain = data.build_loaders("synthetic", "unused", 200, 50, "cpu", fast_path=fast_path, workers=0, augment=False)
+    augmented = data.build_loaders("synthetic", "unused", 200, 50, "cpu", fast_path=fast_path, workers=0)
+    (train, _), _, info = data.load_dataset("synthetic", "unused")
+    lookup = {img.numpy().tobytes() for img in train}  # every un-augmented training image, as uint8
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (info.mean, info.std))
+
+    def as_uint8(x):  # undo the normalisation: (B, C, H, W) float -> uint8
+        return (x * std + mean).mul(255).round().to(torch.uint8)
+
+    batches = [as_uint8(x) for x, _ in plain.train]
+    assert sum(len(x) for x in batches) == 200 and all(xi.numpy().tobytes() in lookup for x in batches for xi in x)
+    x = as_uint8(next(iter(augmented.train))[0])
+    assert sum(xi.numpy().tobytes() in lookup for xi in x) < len(x)  # crops (4 px padding) move most images
+
+
+def test_no_augment_is_for_in_memory_sets():
+    with pytest.raises(data.DatasetError, match=r"--no-augment is for the in-memory datasets .*, not imagenet"):
+        data.build_loaders("imagenet", "unused", None, 50, "cpu", augment=False)
