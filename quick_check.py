@@ -13,7 +13,7 @@ import os
 import time
 
 import train
-from utils import cleanup_distributed, die, format_seconds, main_print
+from utils import barrier, cleanup_distributed, die, format_seconds, main_print
 
 
 def get_args_parser():
@@ -49,5 +49,6 @@ def main(args):
 if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
+        barrier()  # leave together (see train.run)
     finally:
         cleanup_distributed()

@@ -422,6 +422,7 @@ def main(args):
 def run(args):
     try:
         main(args)
+        barrier()  # leave together: a Gloo rank torn down while its peer still finishes can abort
     finally:
         cleanup_distributed()
 
