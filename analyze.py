@@ -21,8 +21,8 @@ import pandas as pd
 import torch
 
 import data
+import train
 import wavelet_kernels
-from scattering_net import ScatteringNet
 from utils import die
 
 REQUIRED = {"config": ("dataset", "n_blocks", "L", "modulus_type"),
@@ -176,11 +176,8 @@ def model_from_checkpoint(path):
         config = ckpt["config"]
     except (OSError, RuntimeError, KeyError, TypeError) as e:
         die(f"--filters: cannot read a checkpoint from {path} ({type(e).__name__}: {e})")
-    info = data.INFO[config["dataset"]]
-    model = ScatteringNet(config["n_blocks"], info.in_channels, info.spatial, info.nb_classes, L=config["L"],
-                          kernel_size=config["kernel_size"], modulus_type=config["modulus_type"],
-                          mixing_horizon=config["mixing_horizon"], global_avg_pool=config["global_avg_pool"],
-                          lowpass_last=config["lowpass_last"], padding_mode=config.get("padding_mode", "zeros"))
+    args = argparse.Namespace(**{"padding_mode": "zeros", "channels_last": False, **config})
+    model = train.build_model(args, data.INFO[config["dataset"]], "cpu")
     model.load_state_dict(ckpt["state_dict"])
     return model
 
