@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 
 import data
-import train
 import wavelet_kernels
-from utils import die
+from scattering_net import ModelConfig, ScatteringNet
+from utils import die, load_checkpoint
 
 REQUIRED = {"config": ("dataset", "n_blocks", "L", "modulus_type"),
             "results": ("head_acc", "finetune_acc", "finetune_gain", "filter_delta_l2", "filter_delta_relative",
@@ -170,14 +170,18 @@ def save(plt, fig, path):
 # ----------------------------------------------------------------------------- learnt filters
 
 def model_from_checkpoint(path):
-    """The ScatteringNet of a train.py / quick_check.py checkpoint, rebuilt from the config it carries."""
+    """The ScatteringNet of a train.py / quick_check.py checkpoint, rebuilt from the config it carries.
+
+    Checkpoints carry ``model_config``; older ones only their flags under
+    ``config``, with the input shape taken from the dataset's facts.
+    """
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        config = ckpt["config"]
+        ckpt = load_checkpoint(path)
+        saved = ckpt.get("model_config") or ckpt["config"]
+        config = ModelConfig.from_dict(saved, None if "model_config" in ckpt else data.INFO[saved["dataset"]])
     except (OSError, RuntimeError, KeyError, TypeError) as e:
         die(f"--filters: cannot read a checkpoint from {path} ({type(e).__name__}: {e})")
-    args = argparse.Namespace(**{"padding_mode": "zeros", "channels_last": False, **config})
-    model = train.build_model(args, data.INFO[config["dataset"]], "cpu")
+    model = ScatteringNet(config)
     model.load_state_dict(ckpt["state_dict"])
     return model
 
@@ -213,7 +217,7 @@ def report_filters(plt, checkpoint, plots_dir):
     block = model.blocks[0]
     if block.lowpass_only:
         die(f"--filters: block 0 of {checkpoint} is low-pass only: it has no wavelets to draw")
-    movement = model.filter_movement(fft_size=256)[0]
+    movement = model.filter_movement()[0]
     table = pd.DataFrame(movement["orientations"]).set_index("orientation")
     print(f"block 0 of {checkpoint}: how far each wavelet moved from its Morlet init (mean over input channels)")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
@@ -263,19 +267,18 @@ def analyze_results(plt, args, plots_dir):
     table = summary_table(experiments)
     os.makedirs(plots_dir, exist_ok=True)
     print(format_table(table))
-    saved = [os.path.join(plots_dir, "summary.csv")]
+    saved = [os.path.join(plots_dir, name) for name in ("summary.csv", "plot_size_vs_accuracy.png",
+                                                        "plot_size_vs_gain.png", "plot_delta_vs_gain.png")]
     table.to_csv(saved[0])
-    for name, plot in (("plot_size_vs_accuracy.png", plot_size_vs_accuracy),
-                       ("plot_size_vs_gain.png", plot_size_vs_gain), ("plot_delta_vs_gain.png", plot_delta_vs_gain)):
-        saved.append(os.path.join(plots_dir, name))
-        plot(plt, table, saved[-1])
+    plot_size_vs_accuracy(plt, table, saved[1])
+    plot_size_vs_gain(plt, table, saved[2])
+    r = plot_delta_vs_gain(plt, table, saved[3])
     if args.curves:
         os.makedirs(os.path.join(plots_dir, "curves"), exist_ok=True)
         by_path = dict(experiments)
         for number, path in table.path.items():
             saved.append(os.path.join(plots_dir, "curves", f"curves_exp{number}.png"))
             plot_curves(plt, by_path[path], number, saved[-1])
-    r = pearson_r(table.filter_delta_relative, table.finetune_gain)
     print(f"Pearson r (filter_delta_relative vs finetune_gain): {'undefined' if r is None else f'{r:.3f}'}")
     print("saved " + "\n      ".join(saved))
 

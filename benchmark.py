@@ -25,20 +25,21 @@ import torch.nn as nn
 
 import quick_check
 import train
-from scattering_net import ScatteringNet, count_parameters
+from scattering_net import ModelConfig, ScatteringNet, count_parameters
 from utils import die, keep_freed_memory
 
 # (channels, spatial size, J): the shapes of CIFAR-10, Fashion-MNIST and ImageNet.
 CASES = {"cifar": (3, 32, 2), "fmnist": (1, 28, 2), "imagenet2": (3, 224, 2), "imagenet4": (3, 224, 4)}
-# ScatteringNet configurations: (learnable, modulus_type, mixing_horizon).
-OURS = {"ours-fixed-per-channel": (False, "complex_modulus", 1), "ours-dense": (True, "complex_modulus", None),
-        "ours-phase_relu": (True, "phase_relu", None)}
+# ScatteringNet configurations (ModelConfig fields beyond the case's shape; the rest are the defaults, K=7).
+OURS = {"ours-fixed-per-channel": dict(learnable=False, modulus_type="complex_modulus", mixing_horizon=1),
+        "ours-dense": dict(learnable=True, modulus_type="complex_modulus"),
+        "ours-phase_relu": dict(learnable=True, modulus_type="phase_relu")}
 L_ORIENTATIONS = 8
 # A weight tensor beyond this many parameters is not worth timing (the dense 4-block net has billions).
 MAX_PARAMS = 50_000_000
-# Timing: at least MIN_REPEATS calls and about MIN_SECONDS of them, after WARMUP calls; one call when a
+# Timing: at least MIN_REPEATS calls and about --min-seconds of them, after WARMUP calls; one call when a
 # call takes longer than SLOW_CALL_SECONDS (the big CPU rows).
-WARMUP, MIN_REPEATS, MAX_REPEATS, MIN_SECONDS, SLOW_CALL_SECONDS = 2, 3, 30, 2.0, 5.0
+WARMUP, MIN_REPEATS, MAX_REPEATS, SLOW_CALL_SECONDS = 2, 3, 30, 5.0
 
 
 def get_args_parser():
@@ -56,6 +57,7 @@ def get_args_parser():
                         help="instead: fixed ScatteringNet vs kymatio, same BN + linear head, full Fashion-MNIST")
     parser.add_argument("--epochs", type=int, default=30, help="--accuracy: epochs for each model")
     parser.add_argument("--workers", type=int, default=2, help="--training: DataLoader workers")
+    parser.add_argument("--min-seconds", type=float, default=2.0, help="speed: time each row for about this long")
     parser.add_argument("--json", default="benchmark_results.json", help="where to write the rows")
     return parser
 
@@ -96,19 +98,21 @@ def systems_for(case, names):
     if "pytorch_wavelets" in names:
         systems.append(("pytorch_wavelets", lambda: dtcwt_cascade(J), False))
     if "ours" in names:
-        for name, (learnable, modulus, horizon) in OURS.items():
-            systems.append((name, lambda l=learnable, m=modulus, h=horizon: Features(
-                ScatteringNet(J, channels, spatial, 10, L=L_ORIENTATIONS, learnable=l, modulus_type=m,
-                              mixing_horizon=h)), learnable))
+        for name in OURS:
+            config = ours_config(name, case)
+            systems.append((name, lambda c=config: Features(ScatteringNet(c)), config.learnable))
     return systems
+
+
+def ours_config(name, case):
+    channels, spatial, J = CASES[case]
+    return ModelConfig(n_blocks=J, in_channels=channels, in_spatial=spatial, L=L_ORIENTATIONS, **OURS[name])
 
 
 def too_large(name, case):
     if not name.startswith("ours"):
         return None
-    channels, spatial, J = CASES[case]
-    learnable, modulus, horizon = OURS[name]
-    n = count_parameters(J, channels, spatial, 10, L_ORIENTATIONS, 7, modulus, horizon)["n_params_extractor"]
+    n = count_parameters(ours_config(name, case))["n_params_extractor"]
     return f"{n:,} parameters" if n > MAX_PARAMS else None
 
 
@@ -119,7 +123,7 @@ def synchronize(device):
         torch.cuda.synchronize()
 
 
-def time_calls(fn, device):
+def time_calls(fn, device, min_seconds):
     """Median seconds of one call of fn (and the number of timed calls)."""
     times = []
     for i in range(WARMUP + MAX_REPEATS):
@@ -132,12 +136,12 @@ def time_calls(fn, device):
             return elapsed, 1
         if i >= WARMUP:
             times.append(elapsed)
-            if len(times) >= MIN_REPEATS and sum(times) >= MIN_SECONDS:
+            if len(times) >= MIN_REPEATS and sum(times) >= min_seconds:
                 break
     return statistics.median(times), len(times)
 
 
-def measure(module, x, backward, device):
+def measure(module, x, backward, device, min_seconds):
     """One row's numbers: ms per batch, images/s, calls, peak CUDA memory (GiB, None on CPU)."""
     if backward:
         x = x.detach().requires_grad_(True)  # so that every system back-propagates, learnable or not
@@ -150,7 +154,7 @@ def measure(module, x, backward, device):
                 module(x)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds, calls = time_calls(call, device)
+    seconds, calls = time_calls(call, device, min_seconds)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     return {"ms_per_batch": 1000 * seconds, "img_per_s": len(x) / seconds, "calls": calls, "peak_mem_gib": peak}
 
@@ -171,7 +175,7 @@ def speed_rows(args, device):
                         continue
                     x = torch.randn(batch, channels, spatial, spatial, device=device)
                     try:
-                        rows.append({**row, **measure(module, x, backward, device)})
+                        rows.append({**row, **measure(module, x, backward, device, args.min_seconds)})
                     except (torch.OutOfMemoryError, RuntimeError) as e:  # CPU allocation failures are RuntimeError
                         rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"})
                         if device.type == "cuda":
@@ -264,13 +268,13 @@ def accuracy_rows(args, device):
                                 "--mixing-horizon", "1", "--lr", "5e-3")
     env = train.setup(run_args, run_args.batch_size)
     info = env["data"].info
-    ours = train.build_model(run_args, info, env["device"], learnable=False)
+    ours = train.build_model(ModelConfig.from_args(run_args, info), run_args.seed, env["device"])
     torch.manual_seed(run_args.seed)
     theirs = KymatioNet(run_args.n_blocks, info.in_channels, info.spatial, info.nb_classes).to(env["device"])
     for name, model in (("ScatteringNet (fixed, 2 blocks, L=8)", ours), ("kymatio Scattering2D(J=2, L=8)", theirs)):
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as save_dir:
-            best, epoch, curves = train.fit_single_phase(name, model, env, run_args, save_dir)
+            best, epoch, curves = quick_check.fit_single_phase(name, model, env, run_args, save_dir)
         rows.append({"model": name, "best_test_acc": best, "best_epoch": epoch, "epochs": len(curves),
                      "seconds": time.perf_counter() - start, "head_params": sum(
                          p.numel() for p in model.parameters() if p.requires_grad)})

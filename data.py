@@ -28,6 +28,19 @@ SYNTHETIC_SIZES = {"train": 4000, "test": 1000}
 IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # the usual 0.875 centre-crop ratio
 
 
+# Random streams of an epoch, told apart by the last key of stream_seed.
+SHUFFLE_STREAM, AUGMENT_STREAM = 0, 1
+
+
+def stream_seed(*keys):
+    """A seed for one random stream, from non-negative integer keys such as (seed, epoch, rank, stream).
+
+    NumPy's SeedSequence hashes the keys, so nearby tuples give unrelated
+    streams (with seed + epoch, seed 1 at epoch 2 would replay seed 2 at epoch 1).
+    """
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)  # < 2**63 for torch
+
+
 class DatasetError(Exception):
     """A dataset cannot be found or built; the message says what was looked for and where."""
 
@@ -292,8 +305,8 @@ class TensorLoader:
         n = len(self.labels)
         if not self.train:
             return torch.arange(self.rank, n, self.world_size, device=self.device)
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=g)
+        g = torch.Generator().manual_seed(stream_seed(self.seed, self.epoch, SHUFFLE_STREAM))
+        order = torch.randperm(n, generator=g)  # the same on every rank
         per_rank = math.ceil(n / self.world_size)
         order = torch.cat([order, order[:per_rank * self.world_size - n]])  # pad so every rank has per_rank
         return order[self.rank::self.world_size].to(self.device)
@@ -304,7 +317,7 @@ class TensorLoader:
         return math.ceil(per_rank / self.batch_size)
 
     def __iter__(self):
-        self.generator.manual_seed(self.seed * 1_000_003 + self.epoch * 101 + self.rank)
+        self.generator.manual_seed(stream_seed(self.seed, self.epoch, self.rank, AUGMENT_STREAM))
         for batch in self._indices().split(self.batch_size):
             x = self.images[batch].float()
             if self.train:
@@ -358,7 +371,7 @@ class EpochDataLoader:
         """Shuffle as a function of (seed, epoch), so that a resumed run repeats an uninterrupted one."""
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(self.seed + epoch)
+        self.generator.manual_seed(stream_seed(self.seed, epoch, SHUFFLE_STREAM))
 
     def __len__(self):
         return len(self.loader)

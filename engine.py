@@ -14,8 +14,6 @@ import torch.nn.functional as F
 
 from utils import all_reduce_sum, format_seconds
 
-WAVELET_WEIGHTS = ("phi_conv.weight", "psi_real.weight", "psi_imag.weight")
-
 
 def _to_device(images, labels, device, channels_last):
     images = images.to(device, non_blocking=True)
@@ -105,14 +103,11 @@ class EarlyStopping:
         self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
 
 
-def wavelet_weights(model):
-    """The K x K filters (phi_conv, psi_real, psi_imag) of every block, by name, detached on CPU."""
-    return {name: p.detach().float().cpu().clone() for name, p in model.named_parameters()
-            if name.endswith(WAVELET_WEIGHTS)}
-
-
 def filter_deltas(initial, current):
-    """How far the filters moved: ||W - W0||_2 and ||W - W0||_2 / ||W0||_2 over all of them together."""
+    """How far the filters moved: ||W - W0||_2 and ||W - W0||_2 / ||W0||_2 over all of them together.
+
+    initial, current: {name: tensor} as ScatteringNet.wavelet_weights returns them.
+    """
     delta_sq = sum(float((current[k] - initial[k]).pow(2).sum()) for k in initial)
     init_sq = sum(float(initial[k].pow(2).sum()) for k in initial)
     l2 = delta_sq ** 0.5

@@ -13,6 +13,7 @@ import os
 import time
 
 import train
+from scattering_net import ModelConfig, add_model_args
 from utils import barrier, cleanup_distributed, die, format_seconds, main_print
 
 
@@ -20,7 +21,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_data_args(parser)
-    train.add_model_args(parser)
+    add_model_args(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--learnable", action="store_true", help="train the wavelet filters too")
     group.add_argument("--epochs", type=int, default=150, help="training epochs")
@@ -32,15 +33,29 @@ def get_args_parser():
     return parser
 
 
+def fit_single_phase(phase, model, env, args, save_dir):
+    """AdamW on every trainable parameter at --lr, cosine over --epochs, train.py's epoch loop and checkpoints.
+
+    Saves <save_dir>/best.pth and last.pth; returns (best val acc, its epoch, the per-epoch curves).
+    """
+    optimizer = train.adamw([{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}],
+                            args.weight_decay)
+    state = train.RunState(vars(args), json_path=None, curves={phase: []})
+    _, best_acc, best_epoch = train.run_phase(phase, model, optimizer, env, args, state, save_dir)
+    train.finish_phase(state, save_dir)
+    return best_acc, best_epoch, state.curves[phase]
+
+
 def main(args):
     if args.lr <= 0:
         die(f"--lr must be > 0, got {args.lr}")
     start = time.perf_counter()
     env = train.setup(args, args.batch_size)
     args.seed = env["seed"]
-    model = train.build_model(args, env["data"].info, env["device"], learnable=args.learnable)
+    config = ModelConfig.from_args(args, env["data"].info)  # --learnable is ModelConfig.learnable
+    model = train.build_model(config, args.seed, env["device"], args.channels_last)
     train.describe_run(env, model, "quick_check.py")
-    best_acc, best_epoch, curves = train.fit_single_phase("quick_check", model, env, args, args.save_dir)
+    best_acc, best_epoch, curves = fit_single_phase("quick_check", model, env, args, args.save_dir)
     main_print(f"best val acc {best_acc:.2f}% (epoch {best_epoch}) in {format_seconds(time.perf_counter() - start)}; "
                f"model saved to {os.path.join(args.save_dir, 'best.pth')}")
     return {"best_acc": best_acc, "best_epoch": best_epoch, "curves": curves}

@@ -8,7 +8,8 @@ C_j = C_0 (1+L)^j: the cascade computes scattering paths of order <= J at
 scale 2^J (SPEC.md, "Connection to Fast Wavelet Transform and Scattering").
 """
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
+from typing import Optional
 
 import numpy as np
 import torch.nn as nn
@@ -45,101 +46,156 @@ def _positive_int(name, value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
-def plan_blocks(n_blocks, in_channels, in_spatial, L=8, kernel_size=7, modulus_type="complex_modulus",
-                mixing_horizon=None, lowpass_last=False, padding_mode="zeros"):
-    """Per-block plans of a ScatteringNet configuration; ValueError if it is impossible.
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Everything that defines a ScatteringNet's shape and initialisation (keyword-only: no swapped booleans).
+
+    Checkpoints carry ``dataclasses.asdict(config)`` under ``model_config``;
+    ``from_dict`` also reads the plain flag dicts of older checkpoints.
+    """
+    n_blocks: int = 2
+    in_channels: int = 3
+    in_spatial: int = 32
+    nb_classes: int = 10
+    L: int = 8
+    kernel_size: int = 7
+    modulus_type: str = "complex_modulus"
+    mixing_horizon: Optional[int] = None
+    global_avg_pool: bool = False
+    lowpass_last: bool = False
+    padding_mode: str = "zeros"
+    learnable: bool = True
+
+    @classmethod
+    def from_args(cls, args, info=None):
+        """From parsed flags (``add_model_args``); the input shape from a ``data.DatasetInfo`` when given."""
+        flags = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        if info is not None:
+            flags.update(in_channels=info.in_channels, in_spatial=info.spatial, nb_classes=info.nb_classes)
+        return cls(**flags)
+
+    @classmethod
+    def from_dict(cls, saved, info=None):
+        """From ``asdict(config)``, or from an older checkpoint's flag dict plus its dataset's ``info``."""
+        known = {f.name for f in fields(cls)}
+        config = cls(**{k: v for k, v in saved.items() if k in known})
+        if info is not None and "in_spatial" not in saved:
+            config = replace(config, in_channels=info.in_channels, in_spatial=info.spatial, nb_classes=info.nb_classes)
+        return config
+
+
+def add_model_args(parser):
+    """The model flags, shared by train.py, quick_check.py and this script (defaults from ModelConfig)."""
+    d = ModelConfig()
+    group = parser.add_argument_group("model")
+    group.add_argument("--n-blocks", type=int, default=d.n_blocks, help="stacked scattering blocks")
+    group.add_argument("--L", type=int, default=d.L, help="wavelet orientations per block")
+    group.add_argument("--kernel-size", type=int, default=d.kernel_size, help="wavelet kernel size (odd)")
+    group.add_argument("--modulus-type", default=d.modulus_type, choices=MODULUS_TYPES)
+    group.add_argument("--mixing-horizon", type=int, default=d.mixing_horizon,
+                       help="max input channels per wavelet filter (grouped convolutions); default: dense")
+    group.add_argument("--global-avg-pool", action="store_true", help="average-pool to 1x1 before the classifier")
+    group.add_argument("--lowpass-last", action="store_true", help="the last block outputs only its low-pass path")
+    group.add_argument("--padding-mode", default=d.padding_mode, choices=PADDING_MODES,
+                       help="border handling of the filters")
+    return group
+
+
+def plan_blocks(config):
+    """Per-block plans of a ModelConfig; ValueError if it is impossible.
 
     Each block halves the resolution, rounding down like a 2 x 2 stride-2
     pooling (224 -> 112 -> 56 -> 28 -> 14 -> 7 -> 3 for SPEC.md's 6-block
     ImageNet run), so every block needs at least 2 x 2 input; 'reflect'
     padding also needs more input pixels than the kernel's half-width.
     """
-    for name, value in (("n_blocks", n_blocks), ("in_channels", in_channels), ("in_spatial", in_spatial), ("L", L)):
-        _positive_int(name, value)
-    check_kernel_size(kernel_size)
-    smallest = in_spatial // 2 ** (n_blocks - 1)  # the last block's input size
+    c = config
+    for name in ("n_blocks", "in_channels", "in_spatial", "L"):
+        _positive_int(name, getattr(c, name))
+    check_kernel_size(c.kernel_size)
+    smallest = c.in_spatial // 2 ** (c.n_blocks - 1)  # the last block's input size
     if smallest < 2:
-        raise ValueError(f"in_spatial={in_spatial} is too small for n_blocks={n_blocks}: the last block would get "
-                         f"{smallest}x{smallest} input (each block halves the resolution, rounding down)")
-    if padding_mode == "reflect" and smallest <= kernel_size // 2:
+        raise ValueError(f"in_spatial={c.in_spatial} is too small for n_blocks={c.n_blocks}: the last block would "
+                         f"get {smallest}x{smallest} input (each block halves the resolution, rounding down)")
+    if c.padding_mode == "reflect" and smallest <= c.kernel_size // 2:
         raise ValueError(f"padding_mode='reflect' needs every block's input larger than kernel_size // 2 = "
-                         f"{kernel_size // 2}, but the last block gets {smallest}x{smallest}")
-    if modulus_type not in MODULUS_TYPES:
-        raise ValueError(f"modulus_type must be one of {MODULUS_TYPES}, got {modulus_type!r}")
-    plans, channels, spatial = [], in_channels, in_spatial
-    for j in range(n_blocks):
-        lowpass_only = lowpass_last and j == n_blocks - 1
-        out = channels if lowpass_only else channels * (1 + L)
+                         f"{c.kernel_size // 2}, but the last block gets {smallest}x{smallest}")
+    if c.modulus_type not in MODULUS_TYPES:
+        raise ValueError(f"modulus_type must be one of {MODULUS_TYPES}, got {c.modulus_type!r}")
+    if c.padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {c.padding_mode!r}")
+    plans, channels, spatial = [], c.in_channels, c.in_spatial
+    for j in range(c.n_blocks):
+        lowpass_only = c.lowpass_last and j == c.n_blocks - 1
+        out = channels if lowpass_only else channels * (1 + c.L)
         plans.append(BlockPlan(
-            j, channels, out, spatial, spatial // 2, mixing_groups(channels, mixing_horizon), lowpass_only,
-            wavelet_parameter_count(channels, L, kernel_size, mixing_horizon, lowpass_only),
-            block_parameter_count(channels, L, kernel_size, modulus_type, mixing_horizon, lowpass_only)))
+            j, channels, out, spatial, spatial // 2, mixing_groups(channels, c.mixing_horizon), lowpass_only,
+            wavelet_parameter_count(channels, c.L, c.kernel_size, c.mixing_horizon, lowpass_only),
+            block_parameter_count(channels, c.L, c.kernel_size, c.modulus_type, c.mixing_horizon, lowpass_only)))
         channels, spatial = out, spatial // 2
     return plans
 
 
-def count_parameters(n_blocks, in_channels, in_spatial, nb_classes, L=8, kernel_size=7,
-                     modulus_type="complex_modulus", mixing_horizon=None, global_avg_pool=False,
-                     lowpass_last=False, padding_mode="zeros"):
-    """Parameter counts of a configuration, computed analytically (no weight is allocated).
+def count_parameters(config):
+    """Parameter counts of a ModelConfig, computed analytically (no weight is allocated).
 
     Returns a dict: ``blocks`` (list of BlockPlan), ``classifier_channels``,
     ``classifier_spatial``, ``classifier_in``, ``n_params_classifier``
     (Linear), ``n_params_head`` (BatchNorm + Linear), ``n_params_extractor``,
-    ``n_params_total``.
+    ``n_params_total``, ``nb_classes``.
     """
-    _positive_int("nb_classes", nb_classes)
-    blocks = plan_blocks(n_blocks, in_channels, in_spatial, L, kernel_size, modulus_type, mixing_horizon,
-                         lowpass_last, padding_mode)
+    _positive_int("nb_classes", config.nb_classes)
+    blocks = plan_blocks(config)
     channels = blocks[-1].out_channels
-    spatial = 1 if global_avg_pool else blocks[-1].out_spatial
+    spatial = 1 if config.global_avg_pool else blocks[-1].out_spatial
     classifier_in = channels * spatial * spatial
-    linear = classifier_in * nb_classes + nb_classes
+    linear = classifier_in * config.nb_classes + config.nb_classes
     head = linear + 2 * channels  # BatchNorm2d: weight and bias per channel
     extractor = sum(b.params for b in blocks)
     return {"blocks": blocks, "classifier_channels": channels, "classifier_spatial": spatial,
             "classifier_in": classifier_in, "n_params_classifier": linear, "n_params_head": head,
-            "n_params_extractor": extractor, "n_params_total": extractor + head}
+            "n_params_extractor": extractor, "n_params_total": extractor + head, "nb_classes": config.nb_classes}
 
 
-def describe_plan(plan):
-    """The start-up table of a configuration (count_parameters' dict): one line per block, classifier, total."""
+def describe_plan(plan, trainable=None):
+    """The start-up table of a configuration (count_parameters' dict): one line per block, head, total."""
+    pooled = ", global average pool" if plan["classifier_spatial"] == 1 else ""
+    trains = f", {trainable:,} trainable" if trainable is not None else ""
     return [b.describe() for b in plan["blocks"]] + [
-        f"classifier: {plan['classifier_channels']:,} channels x {plan['classifier_spatial']}x"
-        f"{plan['classifier_spatial']} = {plan['classifier_in']:,} inputs, {plan['n_params_classifier']:,} params",
-        f"total: {plan['n_params_total']:,} params ({plan['n_params_extractor']:,} extractor)"]
+        f"head: BatchNorm2d({plan['classifier_channels']:,}){pooled} -> Linear({plan['classifier_in']:,} -> "
+        f"{plan['nb_classes']}), {plan['n_params_head']:,} params",
+        f"total: {plan['n_params_total']:,} params ({plan['n_params_extractor']:,} extractor{trains})"]
 
 
 class ScatteringNet(nn.Module):
     """Stacked scattering blocks followed by BatchNorm2d, optional AdaptiveAvgPool2d(1), Flatten, Linear.
 
-    ``features(x)`` is the last block's output; ``extractor_parameters()``
-    and ``head_parameters()`` split the parameters for two-phase training.
+    Built from a ModelConfig. ``features(x)`` is the last block's output;
+    ``extractor_parameters()`` and ``head_parameters()`` split the parameters
+    for two-phase training.
     """
 
-    def __init__(self, n_blocks, in_channels, in_spatial, nb_classes, L=8, kernel_size=7, learnable=True,
-                 modulus_type="complex_modulus", mixing_horizon=None, global_avg_pool=False, lowpass_last=False,
-                 padding_mode="zeros"):
+    def __init__(self, config):
         super().__init__()
-        if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        self.plan = count_parameters(n_blocks, in_channels, in_spatial, nb_classes, L, kernel_size, modulus_type,
-                                     mixing_horizon, global_avg_pool, lowpass_last, padding_mode)
-        self.in_channels, self.in_spatial = in_channels, in_spatial
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"ScatteringNet takes a ModelConfig, got {type(config).__name__}")
+        self.config = config
+        self.plan = count_parameters(config)
         self.blocks = nn.Sequential(*[
-            ScatteringBlock(b.in_channels, L, kernel_size, modulus_type, learnable, mixing_horizon, b.lowpass_only,
-                            padding_mode) for b in self.plan["blocks"]])
+            ScatteringBlock(b.in_channels, config.L, config.kernel_size, config.modulus_type, config.learnable,
+                            config.mixing_horizon, b.lowpass_only, config.padding_mode) for b in self.plan["blocks"]])
         channels = self.plan["classifier_channels"]
         self.bn = nn.BatchNorm2d(channels)
-        self.pool = nn.AdaptiveAvgPool2d(1) if global_avg_pool else nn.Identity()
+        self.pool = nn.AdaptiveAvgPool2d(1) if config.global_avg_pool else nn.Identity()
         self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(self.plan["classifier_in"], nb_classes)
+        self.classifier = nn.Linear(self.plan["classifier_in"], config.nb_classes)
 
     def features(self, x):
         """Scattering coefficients: (B, C_0, S, S) -> (B, C_J, S/2^J, S/2^J)."""
-        if x.dim() != 4 or x.shape[1] != self.in_channels or tuple(x.shape[-2:]) != (self.in_spatial,) * 2:
-            raise ValueError(f"ScatteringNet expects input of shape (B, {self.in_channels}, {self.in_spatial}, "
-                             f"{self.in_spatial}), got {tuple(x.shape)}")
+        c = self.config
+        if x.dim() != 4 or x.shape[1] != c.in_channels or tuple(x.shape[-2:]) != (c.in_spatial,) * 2:
+            raise ValueError(f"ScatteringNet expects input of shape (B, {c.in_channels}, {c.in_spatial}, "
+                             f"{c.in_spatial}), got {tuple(x.shape)}")
         return self.blocks(x)
 
     def head(self, features):
@@ -155,7 +211,19 @@ class ScatteringNet(nn.Module):
     def head_parameters(self):
         return [*self.bn.parameters(), *self.classifier.parameters()]
 
-    def filter_movement(self, fft_size=64):
+    def wavelet_weights(self):
+        """The K x K filter weights of every block (phi_conv, psi_real, psi_imag), detached float32 copies on CPU.
+
+        Keys are state-dict names; the pooling and phase-collapse weights are
+        not filters and are left out (engine.filter_deltas measures these).
+        """
+        weights = {}
+        for j, block in enumerate(self.blocks):
+            for name, conv in block.filter_convs().items():
+                weights[f"blocks.{j}.{name}.weight"] = conv.weight.detach().float().cpu().clone()
+        return weights
+
+    def filter_movement(self):
         """Per block with wavelets: how far they moved from their Morlet init (spatial_scattering.filter_movement).
 
         Returns one dict per block: ``relative_l2``, ``frequency_shift`` (rad/sample)
@@ -166,7 +234,7 @@ class ScatteringNet(nn.Module):
         for j, block in enumerate(self.blocks):
             if block.lowpass_only:
                 continue
-            rows = filter_movement(block, fft_size)
+            rows = filter_movement(block)
             angle_shift = [abs((r["peak_angle_deg"] - r["init_angle_deg"] + 180) % 360 - 180) for r in rows]
             summary.append({"block": j, "relative_l2": float(np.mean([r["relative_l2"] for r in rows])),
                             "frequency_shift": float(np.mean([abs(r["peak_frequency"] - r["init_frequency"])
@@ -175,40 +243,25 @@ class ScatteringNet(nn.Module):
         return summary
 
     def describe(self):
-        """One line per block, then the head and the totals (used by the scripts' start-up log)."""
-        p = self.plan
-        lines = [b.describe() for b in p["blocks"]]
-        pooled = ", global average pool" if p["classifier_spatial"] == 1 else ""
-        lines.append(f"head: BatchNorm2d({p['classifier_channels']:,}){pooled} -> Linear({p['classifier_in']:,} -> "
-                     f"{self.classifier.out_features}), {p['n_params_head']:,} params")
-        trainable = sum(q.numel() for q in self.parameters() if q.requires_grad)
-        lines.append(f"total: {p['n_params_total']:,} params ({p['n_params_extractor']:,} extractor, "
-                     f"{trainable:,} trainable)")
-        return lines
+        """The start-up table (describe_plan) with the count of parameters that train now."""
+        return describe_plan(self.plan, sum(q.numel() for q in self.parameters() if q.requires_grad))
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description="Print a ScatteringNet's per-block table without building it.")
-    parser.add_argument("--n-blocks", type=int, default=2, help="stacked blocks (default: %(default)s)")
-    parser.add_argument("--in-channels", type=int, default=3, help="input channels (default: %(default)s)")
-    parser.add_argument("--in-spatial", type=int, default=32, help="input height = width (default: %(default)s)")
-    parser.add_argument("--nb-classes", type=int, default=10, help="classes (default: %(default)s)")
-    parser.add_argument("--L", type=int, default=8, help="orientations (default: %(default)s)")
-    parser.add_argument("--kernel-size", type=int, default=7, help="odd kernel size (default: %(default)s)")
-    parser.add_argument("--modulus-type", default="complex_modulus", choices=MODULUS_TYPES,
-                        help="(default: %(default)s)")
-    parser.add_argument("--mixing-horizon", type=int, default=None, help="(default: dense)")
-    parser.add_argument("--global-avg-pool", action="store_true", help="pool to 1x1 before the classifier")
-    parser.add_argument("--lowpass-last", action="store_true", help="last block keeps only its low-pass path")
-    parser.add_argument("--padding-mode", default="zeros", choices=PADDING_MODES, help="border handling")
+    parser = argparse.ArgumentParser(description="Print a ScatteringNet's per-block table without building it.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = ModelConfig()
+    shape = parser.add_argument_group("input")
+    shape.add_argument("--in-channels", type=int, default=d.in_channels, help="input channels")
+    shape.add_argument("--in-spatial", type=int, default=d.in_spatial, help="input height = width")
+    shape.add_argument("--nb-classes", type=int, default=d.nb_classes, help="classes")
+    add_model_args(parser)
     return parser
 
 
 def main(args):
     try:
-        plan = count_parameters(args.n_blocks, args.in_channels, args.in_spatial, args.nb_classes, args.L,
-                                args.kernel_size, args.modulus_type, args.mixing_horizon, args.global_avg_pool,
-                                args.lowpass_last, args.padding_mode)
+        plan = count_parameters(ModelConfig.from_args(args))
     except ValueError as e:
         die(e)
     print("\n".join(describe_plan(plan)))

@@ -37,6 +37,9 @@ PHASE_COLLAPSE_INIT = 1.0 / math.sqrt(2.0)
 AVG_POOL_2X2 = 0.25
 # The rectified phases per (channel, orientation): +Re, -Re, +Im, -Im.
 N_PHASES = 4
+# Grid of the zero-padded FFT that locates a K x K filter's spectral peak: 2*pi/256 ~ 0.025 rad/sample
+# resolution, ten times finer than the frequency shifts that training produces (README.md, "Results").
+FFT_SIZE = 256
 
 
 def mixing_groups(in_channels, mixing_horizon):
@@ -147,6 +150,13 @@ class ScatteringBlock(nn.Module):
                 nn.init.constant_(self.phase_collapse.weight, PHASE_COLLAPSE_INIT)
         self.requires_grad_(learnable)
 
+    def filter_convs(self):
+        """The K x K convolutions by name: phi_conv, and psi_real, psi_imag unless lowpass_only."""
+        convs = {"phi_conv": self.phi_conv}
+        if not self.lowpass_only:
+            convs.update(psi_real=self.psi_real, psi_imag=self.psi_imag)
+        return convs
+
     def _wavelet_conv(self, out_channels, kernels):
         conv = nn.Conv2d(self.in_channels, out_channels, self.kernel_size, padding="same", bias=False,
                          groups=self.groups, padding_mode=self.padding_mode)
@@ -195,8 +205,7 @@ class ScatteringBlock(nn.Module):
         C/g times fewer multiply-adds. Cached until a weight changes (in-place
         updates bump a tensor's version counter; moves change its storage).
         """
-        convs = [self.phi_conv] + ([] if self.lowpass_only else [self.psi_real, self.psi_imag])
-        weights = [conv.weight for conv in convs]
+        weights = [conv.weight for conv in self.filter_convs().values()]
         if self.groups == self.in_channels or any(w.requires_grad for w in weights):
             return False
         key = tuple((w.data_ptr(), w._version) for w in weights)
@@ -289,7 +298,7 @@ def block_parameter_count(in_channels, L, kernel_size, modulus_type="complex_mod
     return n
 
 
-def filter_movement(block, fft_size=256):
+def filter_movement(block, fft_size=FFT_SIZE):
     """Per orientation, how far ``block``'s wavelets moved from the Morlet bank they started as.
 
     Compares the diagonal filters (ScatteringBlock.diagonal_filters) of all

@@ -11,22 +11,22 @@ every epoch; checkpoints to <save-dir>/phase_{a,b}/{best,last}.pth.
 Measured results are in README.md and BENCHMARKS.md, with their commands.
 """
 import argparse
-import copy
 import os
 import random
 import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 import data
-from engine import EarlyStopping, evaluate, filter_deltas, train_one_epoch, wavelet_weights
-from scattering_net import ScatteringNet, count_parameters, describe_plan
-from spatial_scattering import MODULUS_TYPES, PADDING_MODES
-from utils import (ExperimentLog, barrier, broadcast_object, cleanup_distributed, device_memory_bytes, die,
+from engine import EarlyStopping, evaluate, filter_deltas, train_one_epoch
+from scattering_net import ModelConfig, ScatteringNet, add_model_args, count_parameters, describe_plan
+from utils import (barrier, broadcast_object, cleanup_distributed, device_memory_bytes, die,
                    distributed_env, init_distributed, is_main_process, keep_freed_memory, load_checkpoint, main_print,
-                   replicas_agree, save_checkpoint, seed_everything)
+                   replicas_agree, save_checkpoint, seed_everything, write_json)
 
 PHASES = ("phase_a", "phase_b")
 # Training with AdamW keeps 4 float32 numbers per parameter: weight, gradient, two moments.
@@ -44,19 +44,6 @@ def add_data_args(parser, default_dataset="cifar10"):
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="SPEC.md's training augmentation (random crop, flip where the dataset has it); "
                             "--no-augment: none (in-memory datasets)")
-
-
-def add_model_args(parser):
-    group = parser.add_argument_group("model")
-    group.add_argument("--n-blocks", type=int, default=2, help="stacked scattering blocks")
-    group.add_argument("--L", type=int, default=8, help="wavelet orientations per block")
-    group.add_argument("--kernel-size", type=int, default=7, help="wavelet kernel size (odd)")
-    group.add_argument("--modulus-type", default="complex_modulus", choices=MODULUS_TYPES)
-    group.add_argument("--mixing-horizon", type=int, default=None,
-                       help="max input channels per wavelet filter (grouped convolutions); default: dense")
-    group.add_argument("--global-avg-pool", action="store_true", help="average-pool to 1x1 before the classifier")
-    group.add_argument("--lowpass-last", action="store_true", help="the last block outputs only its low-pass path")
-    group.add_argument("--padding-mode", default="zeros", choices=PADDING_MODES, help="border handling of the filters")
 
 
 def add_runtime_args(parser):
@@ -101,6 +88,8 @@ def check_common_args(args, batch_size, world_size):
     for flag, value in (("--workers", args.workers), ("--print-freq", args.print_freq)):
         if value < 0:
             die(f"{flag} must be >= 0, got {value}")
+    if args.seed is not None and args.seed < 0:
+        die(f"--seed must be >= 0, got {args.seed}")
     if args.threads is not None and args.threads < 1:
         die(f"--threads must be >= 1, got {args.threads}")
     if args.weight_decay < 0:
@@ -111,11 +100,8 @@ def check_common_args(args, batch_size, world_size):
         args.train_size = data.parse_train_size(args.train_size)
     except data.DatasetError as e:
         die(e)
-    info = data.INFO[args.dataset]
     try:
-        return count_parameters(args.n_blocks, info.in_channels, info.spatial, info.nb_classes, args.L,
-                                args.kernel_size, args.modulus_type, args.mixing_horizon, args.global_avg_pool,
-                                args.lowpass_last, args.padding_mode)
+        return count_parameters(ModelConfig.from_args(args, data.INFO[args.dataset]))
     except ValueError as e:
         die(e)
 
@@ -169,13 +155,11 @@ def setup(args, batch_size):
     return {"rank": rank, "world_size": world_size, "device": device, "seed": seed, "data": loaders}
 
 
-def build_model(args, info, device, learnable=True):
-    torch.manual_seed(args.seed)  # the classifier's init; the filters are deterministic anyway
-    model = ScatteringNet(args.n_blocks, info.in_channels, info.spatial, info.nb_classes, L=args.L,
-                          kernel_size=args.kernel_size, learnable=learnable, modulus_type=args.modulus_type,
-                          mixing_horizon=args.mixing_horizon, global_avg_pool=args.global_avg_pool,
-                          lowpass_last=args.lowpass_last, padding_mode=args.padding_mode)
-    return model.to(device, memory_format=torch.channels_last if args.channels_last else torch.preserve_format)
+def build_model(config, seed, device, channels_last=False):
+    """A ScatteringNet of a ModelConfig on ``device``; ``seed`` fixes the classifier's init (the filters are Morlet)."""
+    torch.manual_seed(seed)
+    model = ScatteringNet(config)
+    return model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
 
 
 def wrap_model(model, device, world_size, compile_model):
@@ -202,10 +186,14 @@ def describe_run(env, model, mode):
         main_print("  " + line)
 
 
-# ----------------------------------------------------------------------------- checkpoints and phases
+# ----------------------------------------------------------------------------- checkpoints and run state
 
 def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every random generator's state as plain lists and tensors (loadable with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), pos, has_gauss, cached],
+             "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -213,35 +201,141 @@ def rng_state():
 
 def set_rng_state(state):
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_checkpoint(model_state, phase, epoch, best_val_acc, config, optimizer=None, scheduler=None, stopper=None,
-                    **extra):
-    """The one place the checkpoint dict is built; loadable as SPEC.md's snippet shows."""
+def make_checkpoint(model, model_state, phase, epoch, best_val_acc, run_config, training=None):
+    """The one place the checkpoint dict is built; loadable as SPEC.md's snippet shows.
+
+    run_config: the run's flags (``config``, compared on --resume); the
+    model's ModelConfig goes under ``model_config``. training: the optimizer,
+    scheduler, early-stopping and run-state fields of a last.pth.
+    """
     return {"state_dict": model_state, "phase": phase, "epoch": epoch, "best_val_acc": best_val_acc,
-            "config": config, "optimizer": optimizer.state_dict() if optimizer else None,
-            "scheduler": scheduler.state_dict() if scheduler else None,
-            "early_stopping": stopper.state_dict() if stopper else None, "rng": rng_state(), **extra}
+            "config": run_config, "model_config": asdict(model.config), "rng": rng_state(), **(training or {})}
 
 
 def cpu_state(model):
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-def run_phase(phase, model, runner, optimizer, scheduler, env, args, ckpt_dir, curves, extra=None, resume=None):
-    """Epochs of one phase with early stopping; best/last checkpoints after each epoch.
+@dataclass
+class RunState:
+    """What a run has recorded so far, fresh or resumed: built once by ``load_run_state``.
 
-    curves: the list this phase appends a row to per epoch (and which the
-    caller logs). extra: returns a dict merged into each last.pth (the run's
-    results so far). resume: a last.pth of this phase to continue from.
-    Returns (best model state, best val acc, best epoch).
+    ``save()`` writes the results JSON (SPEC.md, "Experiment output"):
+    ``config``, ``results``, ``curves``. ``resume`` is the last.pth the run
+    continues from (None for a fresh run); ``start_phase`` the phase it
+    continues in. json_path None: no JSON (quick_check.py).
     """
-    stopper = EarlyStopping(args.patience)
-    best_state, start_epoch = cpu_state(model), 1
+    config: dict
+    json_path: Optional[str]
+    curves: dict
+    results: dict = field(default_factory=dict)
+    start_phase: str = PHASES[0]
+    resume: Optional[dict] = None
+
+    def save(self):
+        if self.json_path and is_main_process():
+            write_json(self.json_path, {"config": self.config, "results": self.results, "curves": self.curves})
+
+    def resume_point(self, phase):
+        """The last.pth to continue ``phase`` from, or None when the phase starts afresh."""
+        return self.resume if self.resume and self.resume["phase"] == phase else None
+
+    def checkpoint_fields(self):
+        return {"results": self.results, "curves_all": self.curves, "json_path": self.json_path}
+
+
+def find_last_checkpoint(save_dir, resume):
+    """The newest last.pth to continue from (None for a fresh run); dies on an unusable save-dir."""
+    lasts = {p: os.path.join(save_dir, p, "last.pth") for p in PHASES}
+    existing = [p for p in PHASES if os.path.isfile(lasts[p])]
+    if not resume:
+        if existing:
+            die(f"{lasts[existing[0]]} already exists: pass --resume to continue that run, or choose another "
+                f"--save-dir (nothing was overwritten)")
+        return None
+    if not existing:
+        die(f"--resume: no checkpoint to continue in {save_dir} (looked for {lasts['phase_a']} and {lasts['phase_b']})")
+    return load_checkpoint(lasts[existing[-1]])
+
+
+def check_resume_config(saved, args):
+    """Flags that change the experiment must match the interrupted run's (a left-out --seed was taken from it)."""
+    ignored = {"resume", "print_freq", "workers", "device", "threads", "compile"}
+    current = vars(args)
+    differ = [k for k in current if k not in ignored and saved.get(k) != current[k]]
+    if differ:
+        die(f"--resume: these flags differ from the interrupted run: "
+            + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in differ))
+
+
+def load_run_state(args, seed, last):
+    """The run's state: fresh (last None), or continued from ``last``, the newest last.pth in --save-dir.
+
+    A finished phase's last.pth means: start the next phase afresh, with the
+    results and curves that checkpoint carries. Sets args.seed to the run's seed.
+    """
+    if last is None:
+        args.seed = seed
+        json_path = os.path.join(args.save_dir, f"results_{time.strftime('%Y%m%d-%H%M%S')}.json")
+        return RunState(vars(args), json_path, {p: [] for p in PHASES})
+    check_resume_config(last["config"], args)
+    args.seed = last["config"]["seed"]
+    start = PHASES[PHASES.index(last["phase"]) + 1] if last["finished"] and last["phase"] != PHASES[-1] \
+        else last["phase"]
+    return RunState(vars(args), last["json_path"], last["curves_all"], last["results"], start, last)
+
+
+def save_epoch(state, ckpt_dir, phase, epoch, model, stopper, improved, optimizer, scheduler):
+    """Persist one epoch: best.pth when it improved, last.pth (everything to resume), the results JSON."""
+    if not is_main_process():
+        return
+    if improved:
+        save_checkpoint(os.path.join(ckpt_dir, "best.pth"),
+                        make_checkpoint(model, cpu_state(model), phase, epoch, stopper.best, state.config))
+    training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "early_stopping": stopper.state_dict(), "finished": False, **state.checkpoint_fields()}
+    save_checkpoint(os.path.join(ckpt_dir, "last.pth"),
+                    make_checkpoint(model, cpu_state(model), phase, epoch, stopper.best, state.config, training))
+    state.save()
+
+
+def finish_phase(state, ckpt_dir):
+    """Mark a phase's last.pth finished, carrying the results the phase produced; write the results JSON."""
+    if is_main_process():
+        path = os.path.join(ckpt_dir, "last.pth")
+        save_checkpoint(path, {**load_checkpoint(path), "finished": True, **state.checkpoint_fields()})
+        state.save()
+    barrier()
+
+
+# ----------------------------------------------------------------------------- phases
+
+def adamw(groups, weight_decay):
+    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
+def cosine(optimizer, epochs):
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+
+
+def run_phase(phase, model, optimizer, env, args, state, ckpt_dir):
+    """Epochs of one phase (cosine schedule, early stopping), persisted after each by save_epoch.
+
+    Continues from state.resume_point(phase) when there is one. Appends one
+    row per epoch to state.curves[phase]; the caller ends with finish_phase. Returns (best model state, best
+    val acc, best epoch).
+    """
+    runner = wrap_model(model, env["device"], env["world_size"], args.compile)
+    scheduler, stopper = cosine(optimizer, args.epochs), EarlyStopping(args.patience)
+    best_state, start_epoch, resume = cpu_state(model), 1, state.resume_point(phase)
     if resume:
         model.load_state_dict(resume["state_dict"])
         optimizer.load_state_dict(resume["optimizer"])
@@ -250,6 +344,8 @@ def run_phase(phase, model, runner, optimizer, scheduler, env, args, ckpt_dir, c
         set_rng_state(resume["rng"])
         best_state = load_checkpoint(os.path.join(ckpt_dir, "best.pth"))["state_dict"]
         start_epoch = resume["epoch"] + 1
+    elif is_main_process():
+        os.makedirs(ckpt_dir, exist_ok=True)
     device, loaders, log = env["device"], env["data"], main_print if is_main_process() else None
     for epoch in range(start_epoch, args.epochs + 1):
         if stopper.should_stop:
@@ -266,156 +362,84 @@ def run_phase(phase, model, runner, optimizer, scheduler, env, args, ckpt_dir, c
                "img_per_s": train["img_per_s"]}
         if len(lrs) > 1:
             row["lr_extractor"] = lrs[0]
-        curves.append(row)
+        state.curves[phase].append(row)
         main_print(f"{phase} epoch {epoch}/{args.epochs}: train loss {train['loss']:.4f} acc {train['acc']:.2f}% | "
                    f"val loss {val['loss']:.4f} acc {val['acc']:.2f}% (best {stopper.best:.2f}% @ {stopper.best_epoch})"
                    f" | lr {lrs[-1]:.2e} | {row['seconds']:.1f} s, {train['img_per_s']:.0f} img/s")
         if improved:
             best_state = cpu_state(model)
-        if is_main_process():
-            if improved:
-                save_checkpoint(os.path.join(ckpt_dir, "best.pth"),
-                                make_checkpoint(best_state, phase, epoch, stopper.best, vars(args)))
-            save_checkpoint(os.path.join(ckpt_dir, "last.pth"), make_checkpoint(
-                cpu_state(model), phase, epoch, stopper.best, vars(args), optimizer, scheduler, stopper,
-                curves=curves, finished=False, **(extra() if extra else {})))
-    if is_main_process():
-        last = load_checkpoint(os.path.join(ckpt_dir, "last.pth"))
-        save_checkpoint(os.path.join(ckpt_dir, "last.pth"), {**last, "finished": True})
-    barrier()
+        save_epoch(state, ckpt_dir, phase, epoch, model, stopper, improved, optimizer, scheduler)
     if stopper.should_stop:
         main_print(f"{phase}: early stop, no improvement for {args.patience} epochs")
     return best_state, stopper.best, stopper.best_epoch
 
 
-def adamw(groups, weight_decay):
-    return torch.optim.AdamW(groups, weight_decay=weight_decay)
+def phase_results(prefix, curves, best, best_epoch):
+    return {f"{prefix}_epochs": len(curves), f"{prefix}_best_epoch": best_epoch,
+            f"{prefix}_seconds": sum(r["seconds"] for r in curves)}
 
 
-def cosine(optimizer, epochs):
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+def train_head(model, env, args, state):
+    """Phase A: BN + classifier on frozen scattering features; records head_acc. Returns the best state."""
+    model.blocks.requires_grad_(False)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan, loaders = model.plan, env["data"]
+    state.results.update(n_params_total=plan["n_params_total"], n_params_extractor=plan["n_params_extractor"],
+                         n_params_classifier=plan["n_params_head"], n_params_trainable=n_trainable,
+                         actual_train_samples=loaders.n_train, test_samples=loaders.n_val, seed=args.seed)
+    main_print(f"Phase A: training BN + classifier ({n_trainable:,} parameters), extractor frozen")
+    optimizer = adamw([{"params": model.head_parameters(), "lr": args.lr_head}], args.weight_decay)
+    best_state, head_acc, best_epoch = run_phase("phase_a", model, optimizer, env, args, state,
+                                                 os.path.join(args.save_dir, "phase_a"))
+    state.results.update(head_acc=head_acc, head_err=100.0 - head_acc, baseline_acc=head_acc,
+                         **phase_results("phase_a", state.curves["phase_a"], head_acc, best_epoch))
+    finish_phase(state, os.path.join(args.save_dir, "phase_a"))
+    main_print(f"Phase A done: head_acc {head_acc:.2f}% (epoch {best_epoch})")
+    return best_state
 
 
-def fit_single_phase(phase, model, env, args, save_dir):
-    """quick_check.py's training: AdamW on every trainable parameter at --lr, cosine over --epochs.
-
-    Saves <save-dir>/best.pth and last.pth; returns (best val acc, its epoch, the per-epoch curves).
-    """
-    runner = wrap_model(model, env["device"], env["world_size"], args.compile)
-    optimizer = adamw([{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}],
-                      args.weight_decay)
-    if is_main_process():
-        os.makedirs(save_dir, exist_ok=True)
-    curves = []
-    _, best_acc, best_epoch = run_phase(phase, model, runner, optimizer, cosine(optimizer, args.epochs), env, args,
-                                        save_dir, curves)
-    return best_acc, best_epoch, curves
+def fine_tune(model, initial_filters, env, args, state):
+    """Phase B: everything trains, two learning rates; records finetune_acc, the gain, how far the filters moved."""
+    model.blocks.requires_grad_(True)
+    optimizer = adamw([{"params": list(model.extractor_parameters()), "lr": args.lr_extractor},
+                       {"params": model.head_parameters(), "lr": args.lr_head}], args.weight_decay)
+    main_print(f"Phase B: fine-tuning everything (extractor lr {args.lr_extractor:g}, head lr {args.lr_head:g})")
+    best_state, finetune_acc, best_epoch = run_phase("phase_b", model, optimizer, env, args, state,
+                                                     os.path.join(args.save_dir, "phase_b"))
+    model.load_state_dict(best_state)
+    state.results.update(finetune_acc=finetune_acc, finetune_gain=finetune_acc - state.results["head_acc"],
+                         **phase_results("phase_b", state.curves["phase_b"], finetune_acc, best_epoch),
+                         **filter_deltas(initial_filters, model.wavelet_weights()),
+                         filter_movement=model.filter_movement())
+    if env["world_size"] > 1:  # DDP must have kept the unfrozen filters identical on every rank
+        state.results["replicas_in_sync"] = replicas_agree([p.detach() for p in model.extractor_parameters()])
+    finish_phase(state, os.path.join(args.save_dir, "phase_b"))
 
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def find_resume_point(save_dir, resume):
-    """(phase to start in, the newest last.pth or None); dies on an unusable save-dir.
-
-    A finished Phase A's last.pth means: start Phase B afresh, with the
-    results and curves that checkpoint carries.
-    """
-    lasts = {p: os.path.join(save_dir, p, "last.pth") for p in PHASES}
-    existing = [p for p in PHASES if os.path.isfile(lasts[p])]
-    if not resume:
-        if existing:
-            die(f"{lasts[existing[0]]} already exists: pass --resume to continue that run, or choose another "
-                f"--save-dir (nothing was overwritten)")
-        return "phase_a", None
-    if not existing:
-        die(f"--resume: no checkpoint to continue in {save_dir} (looked for {lasts['phase_a']} and {lasts['phase_b']})")
-    last = load_checkpoint(lasts[existing[-1]])
-    return ("phase_b" if last["finished"] else last["phase"]), last
-
-
-def check_resume_config(saved, args):
-    """Flags that change the experiment must match the interrupted run's; --seed may be left out."""
-    ignored = {"resume", "print_freq", "workers", "device", "threads", "compile"} | ({"seed"} if args.seed is None else set())
-    current = vars(args)
-    differ = [k for k in current if k not in ignored and saved.get(k) != current[k]]
-    if differ:
-        die(f"--resume: these flags differ from the interrupted run: "
-            + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in differ))
-
-
-def head_results(curves_a, best, best_epoch):
-    return {"head_acc": best, "head_err": 100.0 - best, "baseline_acc": best, "phase_a_epochs": len(curves_a),
-            "phase_a_best_epoch": best_epoch, "phase_a_seconds": sum(r["seconds"] for r in curves_a)}
-
-
 def main(args):
     if args.lr_head <= 0 or args.lr_extractor < 0:
         die(f"--lr-head must be > 0 and --lr-extractor >= 0, got {args.lr_head:g} and {args.lr_extractor:g}")
+    last = find_last_checkpoint(args.save_dir, args.resume)
+    if last and args.seed is None:
+        args.seed = last["config"]["seed"]  # before setup: the seed draws the data subset and its order
     env = setup(args, args.global_batch_size)
-    start_phase, last = find_resume_point(args.save_dir, args.resume)
-    if last:
-        check_resume_config(last["config"], args)
-    args.seed = last["config"]["seed"] if last else env["seed"]
-    device, loaders = env["device"], env["data"]
-    model = build_model(args, loaders.info, device)
+    state = load_run_state(args, env["seed"], last)
+    config = ModelConfig.from_args(args, env["data"].info)
+    model = build_model(config, args.seed, env["device"], args.channels_last)
     describe_run(env, model, "train.py")
-    initial_filters = wavelet_weights(model)
-
-    results = last["results"] if last else {}
-    curves = last["curves_all"] if last else {"phase_a": [], "phase_b": []}
-    json_path = last["json_path"] if last else os.path.join(
-        args.save_dir, f"results_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    logger = ExperimentLog(json_path, vars(args), results, curves) if is_main_process() else None
-
-    def saved_state():
-        if logger:
-            logger.save()
-        return {"results": results, "curves_all": curves, "json_path": json_path}
-
-    phase_a_dir, phase_b_dir = (os.path.join(args.save_dir, p) for p in PHASES)
-    if start_phase == "phase_a":
-        model.blocks.requires_grad_(False)
-        runner = wrap_model(model, device, env["world_size"], args.compile)
-        optimizer = adamw([{"params": model.head_parameters(), "lr": args.lr_head}], args.weight_decay)
-        plan = model.plan
-        results.update(n_params_total=plan["n_params_total"], n_params_extractor=plan["n_params_extractor"],
-                       n_params_classifier=plan["n_params_head"],
-                       n_params_trainable=sum(p.numel() for p in model.parameters() if p.requires_grad),
-                       actual_train_samples=loaders.n_train, test_samples=loaders.n_val, seed=args.seed)
-        main_print(f"Phase A: training BN + classifier ({results['n_params_trainable']:,} parameters), "
-                   f"extractor frozen")
-        best_state, head_acc, best_epoch = run_phase(
-            "phase_a", model, runner, optimizer, cosine(optimizer, args.epochs), env, args, phase_a_dir,
-            curves["phase_a"], saved_state, resume=last)
-        results.update(head_results(curves["phase_a"], head_acc, best_epoch))
-        main_print(f"Phase A done: head_acc {head_acc:.2f}% (epoch {best_epoch})")
+    initial_filters = model.wavelet_weights()
+    if state.start_phase == "phase_a":
+        best_state = train_head(model, env, args, state)
     else:
-        best_state = load_checkpoint(os.path.join(phase_a_dir, "best.pth"))["state_dict"]
-        if "head_acc" not in results:  # interrupted between the phases
-            stopped = load_checkpoint(os.path.join(phase_a_dir, "last.pth"))["early_stopping"]
-            results.update(head_results(curves["phase_a"], stopped["best"], stopped["best_epoch"]))
-
+        best_state = load_checkpoint(os.path.join(args.save_dir, "phase_a", "best.pth"))["state_dict"]
     model.load_state_dict(best_state)
-    model.blocks.requires_grad_(True)
-    runner = wrap_model(model, device, env["world_size"], args.compile)
-    optimizer = adamw([{"params": list(model.extractor_parameters()), "lr": args.lr_extractor},
-                       {"params": model.head_parameters(), "lr": args.lr_head}], args.weight_decay)
-    main_print(f"Phase B: fine-tuning everything (extractor lr {args.lr_extractor:g}, head lr {args.lr_head:g})")
-    best_state, finetune_acc, best_epoch = run_phase(
-        "phase_b", model, runner, optimizer, cosine(optimizer, args.epochs), env, args, phase_b_dir,
-        curves["phase_b"], saved_state, resume=last if last and last["phase"] == "phase_b" else None)
-    model.load_state_dict(best_state)
-    results.update(finetune_acc=finetune_acc, finetune_gain=finetune_acc - results["head_acc"],
-                   phase_b_epochs=len(curves["phase_b"]), phase_b_best_epoch=best_epoch,
-                   phase_b_seconds=sum(r["seconds"] for r in curves["phase_b"]),
-                   **filter_deltas(initial_filters, wavelet_weights(model)), filter_movement=model.filter_movement())
-    if env["world_size"] > 1:  # DDP must have kept the unfrozen filters identical on every rank
-        results["replicas_in_sync"] = replicas_agree([p.detach() for p in model.extractor_parameters()])
-    if logger:
-        logger.save()
-    main_print(f"done: head_acc {results['head_acc']:.2f}% -> finetune_acc {finetune_acc:.2f}% "
+    fine_tune(model, initial_filters, env, args, state)
+    results = state.results
+    main_print(f"done: head_acc {results['head_acc']:.2f}% -> finetune_acc {results['finetune_acc']:.2f}% "
                f"(gain {results['finetune_gain']:+.2f}), filter delta {results['filter_delta_relative']:.4f} "
-               f"relative; results in {json_path}")
+               f"relative; results in {state.json_path}")
     return results
 
 

@@ -88,35 +88,12 @@ def save_checkpoint(path, checkpoint):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """torch.load with weights_only=True: tensors and plain Python values only, never code from the file."""
+    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def write_json(path, obj):
     _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
-class ExperimentLog:
-    """The results JSON of SPEC.md, "Experiment output": ``config``, ``results``, ``curves``.
-
-    Every ``update`` rewrites the file atomically, so an interrupted run
-    still leaves what it had recorded.
-    """
-
-    def __init__(self, path, config, results=None, curves=None):
-        self.path = path
-        self.data = {"config": config, "results": {} if results is None else results,
-                     "curves": {} if curves is None else curves}
-
-    def add_epoch(self, phase, row):
-        self.data["curves"].setdefault(phase, []).append(row)
-        self.save()
-
-    def update_results(self, **results):
-        self.data["results"].update(results)
-        self.save()
-
-    def save(self):
-        write_json(self.path, self.data)
 
 
 # ----------------------------------------------------------------------------- distributed

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 import analyze
+import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,10 +25,10 @@ def run_script(script, *args):
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     save_dir = tmp_path_factory.mktemp("runs") / "real"
-    proc = run_script("train.py", "--dataset", "synthetic", "--train-size", "500", "--n-blocks", "1", "--L", "4",
-                      "--epochs", "2", "--global-batch-size", "50", "--seed", "0", "--print-freq", "0",
-                      "--threads", "1", "--lr-extractor", "1e-3", "--save-dir", str(save_dir))
-    assert proc.returncode == 0, proc.stderr
+    train.main(train.get_args_parser().parse_args([
+        "--dataset", "synthetic", "--train-size", "500", "--n-blocks", "1", "--L", "4", "--epochs", "2",
+        "--global-batch-size", "50", "--seed", "0", "--print-freq", "0", "--threads", "1", "--lr-extractor", "1e-3",
+        "--device", "cpu", "--save-dir", str(save_dir)]))
     (path,) = glob.glob(str(save_dir / "results_*.json"))
     return save_dir.parent, json.load(open(path))
 
@@ -75,12 +76,23 @@ def test_table_plots_and_curves_from_a_real_run_and_edge_cases(real_run):
     assert f"{real['results']['head_acc']:.2f}" in proc.stdout.splitlines()[3]
 
 
-def test_one_experiment_says_r_is_undefined(real_run, tmp_path):
+def run_analyze(capsys, *args):
+    """analyze.py's main in-process: (exit code, stdout, stderr)."""
+    try:
+        analyze.main(analyze.get_args_parser().parse_args(list(args)))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_one_experiment_says_r_is_undefined(real_run, tmp_path, capsys):
     _, real = real_run
     write_variant(tmp_path, "only", real, 500, 80.0, 82.0, 0.2)
-    proc = run_script("analyze.py", "--results-dir", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    assert "Pearson r (filter_delta_relative vs finetune_gain): undefined" in proc.stdout
+    code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path))
+    assert code == 0, err
+    assert "Pearson r (filter_delta_relative vs finetune_gain): undefined" in out
     assert all(is_png(tmp_path / "plots" / name) for name in PLOTS)
 
 
@@ -90,12 +102,12 @@ def test_pearson_r():
     assert analyze.pearson_r([1, 2, 3], [2, 4, 7]) == pytest.approx(np.corrcoef([1, 2, 3], [2, 4, 7])[0, 1])
 
 
-def test_filters_of_a_real_checkpoint(real_run, tmp_path):
+def test_filters_of_a_real_checkpoint(real_run, tmp_path, capsys):
     results_dir, _ = real_run
-    proc = run_script("analyze.py", "--results-dir", str(tmp_path), "--filters",
-                      str(results_dir / "real" / "phase_b" / "best.pth"))
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--filters",
+                                 str(results_dir / "real" / "phase_b" / "best.pth"))
+    assert code == 0, err
+    lines = out.splitlines()
     assert "relative_l2" in lines[1] and len(lines) == 3 + 4 + 1  # header, column row, index row, 4 orientations
     moved = [float(line.split()[1]) for line in lines[3:7]]
     assert all(0 < m < 1 for m in moved)  # trained with lr 1e-3 for 2 epochs: moved, but still near Morlet
@@ -108,9 +120,9 @@ def test_filters_of_a_real_checkpoint(real_run, tmp_path):
     (["--results-dir", "EMPTY", "--filters", "MISSING/best.pth"], "error: --filters: cannot read a checkpoint from "
                                                                   "MISSING/best.pth (FileNotFoundError"),
 ])
-def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
+def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     args = [a.replace("EMPTY", str(tmp_path)).replace("MISSING", str(tmp_path / "missing")) for a in args]
     message = message.replace("EMPTY", str(tmp_path)).replace("MISSING", str(tmp_path / "missing"))
-    proc = run_script("analyze.py", *args)
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith(message)
+    code, _, err = run_analyze(capsys, *args)
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith(message)

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import data
-from engine import EarlyStopping, evaluate, filter_deltas, train_one_epoch, wavelet_weights
-from scattering_net import ScatteringNet
+from engine import EarlyStopping, evaluate, filter_deltas, train_one_epoch
+from scattering_net import ModelConfig, ScatteringNet
 
 
 def synthetic_loaders(n_train=600, batch_size=50):
@@ -18,7 +18,7 @@ def synthetic_loaders(n_train=600, batch_size=50):
 def test_synthetic_textures_are_learnt_well_above_chance():
     torch.manual_seed(0)
     train, val = synthetic_loaders()
-    model = ScatteringNet(1, 3, 32, 10, L=8, learnable=False)
+    model = ScatteringNet(ModelConfig(n_blocks=1, L=8, learnable=False))
     optimizer = torch.optim.AdamW(model.head_parameters(), lr=3e-3)
     for epoch in range(1, 4):
         train.set_epoch(epoch)
@@ -32,7 +32,7 @@ def test_synthetic_textures_are_learnt_well_above_chance():
 def test_one_batch_is_exactly_one_optimizer_step(amp):
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
-    model = ScatteringNet(1, 3, 32, 10, L=2)
+    model = ScatteringNet(ModelConfig(n_blocks=1, L=2))
     reference = copy.deepcopy(model)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
         logits = reference(x)
@@ -47,8 +47,8 @@ def test_one_batch_is_exactly_one_optimizer_step(amp):
 
 def test_frozen_extractor_builds_no_graph():
     x = torch.randn(2, 3, 32, 32)
-    assert ScatteringNet(2, 3, 32, 10, learnable=False).features(x).grad_fn is None
-    assert ScatteringNet(2, 3, 32, 10, learnable=True).features(x).grad_fn is not None
+    assert ScatteringNet(ModelConfig(learnable=False)).features(x).grad_fn is None
+    assert ScatteringNet(ModelConfig(learnable=True)).features(x).grad_fn is not None
 
 
 def test_evaluate_counts_exactly():
@@ -63,7 +63,7 @@ def test_evaluate_counts_exactly():
 
 def test_progress_lines(capsys):
     train, _ = synthetic_loaders(n_train=100, batch_size=10)
-    model = ScatteringNet(1, 3, 32, 10, L=2, learnable=False)
+    model = ScatteringNet(ModelConfig(n_blocks=1, L=2, learnable=False))
     lines = []
     train_one_epoch(model, train, torch.optim.AdamW(model.head_parameters()), "cpu", 3, print_freq=4, log=lines.append)
     assert len(lines) == 2 and lines[0].startswith("epoch 3 [4/10] loss ") and " img/s eta " in lines[0]
@@ -81,14 +81,15 @@ def test_early_stopping():
 
 
 def test_filter_deltas():
-    model = ScatteringNet(2, 3, 32, 10, L=2)
-    initial = wavelet_weights(model)
+    model = ScatteringNet(ModelConfig(L=2, modulus_type="phase_relu"))
+    initial = model.wavelet_weights()
+    # the K x K filters only: not the pooling or the phase-collapse weights
     assert set(initial) == {f"blocks.{j}.{n}.weight" for j in (0, 1) for n in ("phi_conv", "psi_real", "psi_imag")}
-    assert filter_deltas(initial, wavelet_weights(model)) == {"filter_delta_l2": 0.0, "filter_delta_relative": 0.0}
+    assert filter_deltas(initial, model.wavelet_weights()) == {"filter_delta_l2": 0.0, "filter_delta_relative": 0.0}
     with torch.no_grad():
         model.blocks[0].psi_real.weight[0, 0, 0, 0] += 3.0
         model.blocks[1].phi_conv.weight[0, 0, 0, 0] -= 4.0
-    deltas = filter_deltas(initial, wavelet_weights(model))
+    deltas = filter_deltas(initial, model.wavelet_weights())
     norm = sum(float(w.pow(2).sum()) for w in initial.values()) ** 0.5
     assert deltas["filter_delta_l2"] == pytest.approx(5.0)
     assert deltas["filter_delta_relative"] == pytest.approx(5.0 / norm)

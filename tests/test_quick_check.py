@@ -1,4 +1,4 @@
-"""quick_check.py end to end, as a subprocess, on the synthetic dataset."""
+"""quick_check.py end to end on the synthetic dataset: one subprocess smoke run, the rest in-process."""
 import os
 import re
 import subprocess
@@ -7,11 +7,12 @@ import sys
 import pytest
 import torch
 
-from scattering_net import ScatteringNet
+import quick_check
+from scattering_net import ModelConfig, ScatteringNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--dataset", "synthetic", "--train-size", "1000", "--n-blocks", "1", "--L", "4", "--epochs", "2",
-         "--batch-size", "50", "--seed", "0", "--print-freq", "10", "--threads", "1"]
+         "--batch-size", "50", "--seed", "0", "--print-freq", "10", "--threads", "1", "--device", "cpu"]
 
 
 def run_quick_check(*args):
@@ -27,17 +28,18 @@ def test_trains_and_saves_the_best_model(tmp_path):
     assert any(re.match(r"epoch 1 \[10/20\] loss [\d.]+ acc [\d.]+% \d+ img/s eta ", line) for line in lines)
     best = float(re.search(r"best val acc ([\d.]+)% \(epoch (\d)\)", lines[-1]).group(1))
     assert best > 30  # 10 classes: chance is 10 %
-    ckpt = torch.load(tmp_path / "best.pth", weights_only=False)
-    model = ScatteringNet(n_blocks=1, in_channels=3, in_spatial=32, nb_classes=10, L=4, learnable=False)
+    ckpt = torch.load(tmp_path / "best.pth")
+    model = ScatteringNet(ModelConfig(n_blocks=1, L=4, learnable=False))
     model.load_state_dict(ckpt["state_dict"])
-    assert ckpt["best_val_acc"] == pytest.approx(best, abs=0.005) and ckpt["config"]["learnable"] is False
+    assert ckpt["best_val_acc"] == pytest.approx(best, abs=0.005) and ckpt["model_config"]["learnable"] is False
 
 
 def test_learnable_moves_the_filters(tmp_path):
-    proc = run_quick_check(*SMALL, "--learnable", "--modulus-type", "phase_relu", "--save-dir", str(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    trained = torch.load(tmp_path / "best.pth", weights_only=False)["state_dict"]
-    init = ScatteringNet(1, 3, 32, 10, L=4, modulus_type="phase_relu").state_dict()
+    run = quick_check.main(quick_check.get_args_parser().parse_args(
+        [*SMALL, "--learnable", "--modulus-type", "phase_relu", "--save-dir", str(tmp_path)]))
+    assert len(run["curves"]) == 2 and run["best_acc"] == max(r["val_acc"] for r in run["curves"])
+    trained = torch.load(tmp_path / "best.pth")["state_dict"]
+    init = ScatteringNet(ModelConfig(n_blocks=1, L=4, modulus_type="phase_relu")).state_dict()
     assert not torch.equal(trained["blocks.0.psi_imag.weight"], init["blocks.0.psi_imag.weight"])
 
 
@@ -53,7 +55,8 @@ def test_learnable_moves_the_filters(tmp_path):
                                                         "block would get 1x1 input (each block halves the resolution, "
                                                         "rounding down)"),
 ])
-def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path):
-    proc = run_quick_check(*SMALL, "--save-dir", str(tmp_path), *flags)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message]
+def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        quick_check.main(quick_check.get_args_parser().parse_args([*SMALL, "--save-dir", str(tmp_path), *flags]))
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [message]
     assert not os.listdir(tmp_path)

@@ -1,10 +1,11 @@
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
 
-from scattering_net import ScatteringNet, count_parameters, plan_blocks
+from scattering_net import ModelConfig as Config, ScatteringNet, count_parameters, plan_blocks
 
 
 def matches_spec_rounding(n, text):
@@ -22,7 +23,7 @@ def matches_spec_rounding(n, text):
     (3, 4, [3, 15, 75, 375], 6_000),
 ])
 def test_channel_growth_table(n_blocks, L, channels, classifier_in):
-    plan = count_parameters(n_blocks, 3, 32, 10, L=L)
+    plan = count_parameters(Config(n_blocks=n_blocks, L=L))
     assert [b.in_channels for b in plan["blocks"]] + [plan["blocks"][-1].out_channels] == channels
     assert plan["classifier_in"] == classifier_in
 
@@ -31,8 +32,8 @@ def test_mixing_horizon_table():
     # SPEC.md: block, C_in, dense wavelet params, horizon-27 wavelet params (K=7, L=8)
     table = [(0, 3, "7.5 K", "7.5 K"), (1, 27, "607 K", "607 K"), (2, 243, "49 M", "5.5 M"),
              (3, 2_187, "3.98 B", "49 M"), (4, 19_683, "322.7 B", "443 M")]
-    dense = plan_blocks(5, 3, 32, L=8, kernel_size=7)
-    horizon = plan_blocks(5, 3, 32, L=8, kernel_size=7, mixing_horizon=27)
+    dense = plan_blocks(Config(n_blocks=5, L=8, kernel_size=7))
+    horizon = plan_blocks(Config(n_blocks=5, L=8, kernel_size=7, mixing_horizon=27))
     for j, c_in, dense_text, horizon_text in table:
         assert dense[j].in_channels == c_in
         assert matches_spec_rounding(dense[j].wavelet_params, dense_text)
@@ -46,7 +47,8 @@ def test_mixing_horizon_table():
     (False, False, 50_421, 2_470), (True, False, 50_421, 50.4), (False, True, 7_203, 353), (True, True, 7_203, 7.2),
 ])
 def test_imagenet_classifier_table(gap, lowpass_last, channels, spec_millions):
-    plan = count_parameters(5, 3, 224, 1000, L=6, global_avg_pool=gap, lowpass_last=lowpass_last)
+    plan = count_parameters(Config(n_blocks=5, in_spatial=224, nb_classes=1000, L=6, global_avg_pool=gap,
+                                   lowpass_last=lowpass_last))
     spatial = 1 if gap else 7
     assert plan["classifier_channels"] == channels and plan["classifier_spatial"] == spatial
     assert plan["n_params_classifier"] == channels * spatial ** 2 * 1000 + 1000
@@ -59,8 +61,8 @@ def test_imagenet_classifier_table(gap, lowpass_last, channels, spec_millions):
     {"lowpass_last": True}, {"global_avg_pool": True, "lowpass_last": True, "L": 4},
 ])
 def test_analytic_count_equals_the_built_model(kwargs):
-    model = ScatteringNet(2, 3, 32, 10, **kwargs)
-    plan = count_parameters(2, 3, 32, 10, **kwargs)
+    model = ScatteringNet(Config(**kwargs))
+    plan = count_parameters(Config(**kwargs))
     assert sum(p.numel() for p in model.parameters()) == plan["n_params_total"]
     assert sum(p.numel() for p in model.extractor_parameters()) == plan["n_params_extractor"]
     assert sum(p.numel() for p in model.head_parameters()) == plan["n_params_head"]
@@ -68,7 +70,7 @@ def test_analytic_count_equals_the_built_model(kwargs):
 
 def test_forward_backward_and_features():
     torch.manual_seed(0)
-    model = ScatteringNet(2, 3, 32, 10, L=4, modulus_type="phase_relu")
+    model = ScatteringNet(Config(L=4, modulus_type="phase_relu"))
     x = torch.randn(4, 3, 32, 32)
     assert model.features(x).shape == (4, 75, 8, 8)
     loss = torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 2, 3]))
@@ -79,13 +81,13 @@ def test_forward_backward_and_features():
 
 def test_global_avg_pool_and_lowpass_last():
     x = torch.randn(2, 3, 32, 32)
-    model = ScatteringNet(2, 3, 32, 10, L=4, global_avg_pool=True, lowpass_last=True)
+    model = ScatteringNet(Config(L=4, global_avg_pool=True, lowpass_last=True))
     assert model.features(x).shape == (2, 15, 8, 8)
     assert model.classifier.in_features == 15 and model(x).shape == (2, 10)
 
 
 def test_frozen_extractor_and_head_split():
-    model = ScatteringNet(2, 3, 32, 10, learnable=False)
+    model = ScatteringNet(Config(learnable=False))
     assert not any(p.requires_grad for p in model.extractor_parameters())
     assert all(p.requires_grad for p in model.head_parameters())
     names = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -93,11 +95,12 @@ def test_frozen_extractor_and_head_split():
 
 
 def test_describe_one_line_per_block():
-    lines = ScatteringNet(3, 3, 32, 10, L=8, mixing_horizon=27).describe()
+    lines = ScatteringNet(Config(n_blocks=3, L=8, mixing_horizon=27)).describe()
     assert lines[0] == "block 0: 3 -> 27 channels, 32x32 -> 16x16, 7,605 params (7,497 wavelet), dense"
     assert lines[2].startswith("block 2: 243 -> 2,187 channels, 8x8 -> 4x4,")
     assert lines[2].endswith("grouped (9 groups of 27)")
-    assert lines[3].startswith("head: BatchNorm2d(2,187) -> Linear(34,992 -> 10)")
+    assert lines[3] == "head: BatchNorm2d(2,187) -> Linear(34,992 -> 10), 354,304 params"
+    assert lines[4] == "total: 6,444,199 params (6,089,895 extractor, 6,444,199 trainable)"  # 6,089,895 + 354,304
 
 
 @pytest.mark.parametrize("kwargs,message", [
@@ -112,36 +115,56 @@ def test_describe_one_line_per_block():
     ({"padding_mode": "wrap"}, "padding_mode must be one of ('zeros', 'reflect', 'replicate', 'circular'), got 'wrap'"),
 ])
 def test_impossible_configurations(kwargs, message):
-    args = {"n_blocks": 2, "in_channels": 3, "in_spatial": 32, "nb_classes": 10, **kwargs}
     with pytest.raises(ValueError) as e:
-        ScatteringNet(**args)
+        ScatteringNet(Config(**kwargs))
     assert str(e.value) == message
 
 
+def test_config_is_keyword_only_and_older_checkpoints_still_load():
+    with pytest.raises(TypeError):
+        Config(2, 3)  # positional fields could be swapped unnoticed (global_avg_pool vs lowpass_last)
+    with pytest.raises(TypeError, match="ScatteringNet takes a ModelConfig, got dict"):
+        ScatteringNet({"n_blocks": 2})
+    flags = {"dataset": "fashion-mnist", "n_blocks": 1, "L": 4, "kernel_size": 5, "modulus_type": "phase_relu",
+             "mixing_horizon": None, "global_avg_pool": True, "lowpass_last": False, "lr_head": 1e-3}
+    import data
+    old = Config.from_dict(flags, data.INFO["fashion-mnist"])  # a checkpoint from before ModelConfig
+    assert old == Config(n_blocks=1, in_channels=1, in_spatial=28, L=4, kernel_size=5, modulus_type="phase_relu",
+                         global_avg_pool=True)
+    assert Config.from_dict(asdict(old)) == old
+
+
 def test_six_blocks_on_imagenet_crops_round_down_like_pooling():
-    plan = count_parameters(6, 3, 224, 1000, L=6, mixing_horizon=21, global_avg_pool=True, lowpass_last=True)
+    plan = count_parameters(Config(n_blocks=6, in_spatial=224, nb_classes=1000, L=6, mixing_horizon=21,
+                                   global_avg_pool=True, lowpass_last=True))
     assert [b.out_spatial for b in plan["blocks"]] == [112, 56, 28, 14, 7, 3]
-    net = ScatteringNet(3, 1, 14, 10, L=2, kernel_size=3)  # 14 -> 7 -> 3 -> 1
+    net = ScatteringNet(Config(n_blocks=3, in_channels=1, in_spatial=14, L=2, kernel_size=3))  # 14 -> 7 -> 3 -> 1
     assert net.features(torch.randn(2, 1, 14, 14)).shape == (2, 27, 1, 1)
 
 
 def test_wrong_input_shape():
     with pytest.raises(ValueError, match=r"expects input of shape \(B, 3, 32, 32\), got \(1, 3, 28, 28\)"):
-        ScatteringNet(2, 3, 32, 10)(torch.randn(1, 3, 28, 28))
+        ScatteringNet(Config())(torch.randn(1, 3, 28, 28))
 
 
-def test_cli_prints_plan_and_rejects_bad_sizes():
+def test_cli_prints_plan():
     ok = subprocess.run([sys.executable, "scattering_net.py", "--n-blocks", "5", "--L", "6", "--in-spatial", "224",
                          "--nb-classes", "1000", "--global-avg-pool", "--lowpass-last"], capture_output=True, text=True)
-    assert ok.returncode == 0 and "7,203 inputs, 7,204,000 params" in ok.stdout
-    bad = subprocess.run([sys.executable, "scattering_net.py", "--in-spatial", "3"], capture_output=True, text=True)
-    assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.strip().splitlines() == ["error: in_spatial=3 is too small for n_blocks=2: the last block would "
-                                               "get 1x1 input (each block halves the resolution, rounding down)"]
+    assert ok.returncode == 0
+    assert "head: BatchNorm2d(7,203), global average pool -> Linear(7,203 -> 1000), 7,218,406 params" in ok.stdout
+
+def test_cli_rejects_bad_sizes_with_one_line(capsys):
+    import scattering_net
+    with pytest.raises(SystemExit) as e:
+        scattering_net.main(scattering_net.get_args_parser().parse_args(["--in-spatial", "3"]))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: in_spatial=3 is too small for n_blocks=2: the last block would get 1x1 input (each block halves the "
+        "resolution, rounding down)"]
 
 
 def test_filter_movement_is_zero_at_init_and_sees_a_change():
-    net = ScatteringNet(2, 3, 32, 10, L=4, lowpass_last=True)
+    net = ScatteringNet(Config(L=4, lowpass_last=True))
     at_init = net.filter_movement()
     assert [m["block"] for m in at_init] == [0]  # the low-pass-only last block has no wavelets
     assert at_init[0]["relative_l2"] < 1e-6 and at_init[0]["angle_shift_deg"] == 0
@@ -149,3 +172,18 @@ def test_filter_movement_is_zero_at_init_and_sees_a_change():
         net.blocks[0].psi_imag.weight.mul_(-1)  # conjugate: the spectrum peak turns by 180 degrees
     moved = net.filter_movement()[0]
     assert moved["angle_shift_deg"] == pytest.approx(180, abs=1e-6) and moved["frequency_shift"] < 1e-9
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_equals_cpu_and_a_cuda_checkpoint_loads_on_cpu(tmp_path):
+    import utils
+    torch.manual_seed(0)
+    net, x = ScatteringNet(Config(L=4, modulus_type="phase_relu")), torch.randn(4, 3, 32, 32)
+    expected = net(x)
+    on_gpu = net.cuda()
+    torch.testing.assert_close(on_gpu(x.cuda()).cpu(), expected, rtol=1e-3, atol=1e-3)
+    utils.save_checkpoint(str(tmp_path / "best.pth"), {"state_dict": on_gpu.state_dict()})
+    restored = ScatteringNet(Config(L=4, modulus_type="phase_relu"))
+    restored.load_state_dict(utils.load_checkpoint(str(tmp_path / "best.pth"))["state_dict"])
+    torch.testing.assert_close(restored(x), expected, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,8 @@
-"""train.py end to end, as a subprocess, on the synthetic dataset (a few seconds per run)."""
+"""train.py end to end on the synthetic dataset (a few seconds per run).
+
+One run is a subprocess (the smoke test every other test compares with), and
+so are the kill-and-resume and torchrun cases; the rest run in-process.
+"""
 import glob
 import hashlib
 import json
@@ -12,13 +16,16 @@ import numpy as np
 import pytest
 import torch
 
+import analyze
 import data
+import train
 from engine import evaluate
-from scattering_net import ScatteringNet
+from scattering_net import ModelConfig, ScatteringNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--dataset", "synthetic", "--train-size", "600", "--n-blocks", "1", "--L", "4", "--epochs", "3",
-         "--global-batch-size", "50", "--seed", "0", "--print-freq", "0", "--threads", "1", "--lr-extractor", "1e-3"]
+         "--global-batch-size", "50", "--seed", "0", "--print-freq", "0", "--threads", "1", "--lr-extractor", "1e-3",
+         "--device", "cpu"]
 RESULT_KEYS = {"head_acc", "head_err", "baseline_acc", "finetune_acc", "finetune_gain", "filter_delta_l2",
                "filter_delta_relative", "n_params_total", "n_params_extractor", "n_params_classifier",
                "n_params_trainable", "actual_train_samples", "test_samples"}
@@ -32,6 +39,19 @@ def run_train(*args, torchrun=None, **kwargs):
                           **kwargs)
 
 
+def train_in_process(*args):
+    """train.py's main in this process; returns the results dict (SystemExit on bad input, as the script)."""
+    return train.main(train.get_args_parser().parse_args(list(args)))
+
+
+def exit_2_message(capsys, *args):
+    """Run train.py in-process with bad input: the one stderr line (and check the exit code is 2)."""
+    with pytest.raises(SystemExit) as e:
+        train_in_process(*args)
+    assert e.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
 def results_json(save_dir):
     paths = glob.glob(os.path.join(save_dir, "results_*.json"))
     assert len(paths) == 1, paths
@@ -39,7 +59,7 @@ def results_json(save_dir):
 
 
 def small_model():
-    return ScatteringNet(n_blocks=1, in_channels=3, in_spatial=32, nb_classes=10, L=4)
+    return ScatteringNet(ModelConfig(n_blocks=1, L=4))
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +93,20 @@ def test_json_has_the_spec_schema(finished_run):
 def test_checkpoints_load_as_in_the_spec(finished_run):
     save_dir, _ = finished_run
     for phase in ("phase_a", "phase_b"):
-        model = small_model()
-        ckpt = torch.load(os.path.join(save_dir, phase, "best.pth"), weights_only=False)
+        ckpt = torch.load(os.path.join(save_dir, phase, "best.pth"), weights_only=True)  # plain types only
+        model = ScatteringNet(ModelConfig(**ckpt["model_config"]))
         model.load_state_dict(ckpt["state_dict"])
+        assert model.config == ModelConfig(n_blocks=1, L=4)
         assert ckpt["best_val_acc"] > 10 and 1 <= ckpt["epoch"] <= 3 and ckpt["config"]["n_blocks"] == 1
-        last = torch.load(os.path.join(save_dir, phase, "last.pth"), weights_only=False)
+        last = torch.load(os.path.join(save_dir, phase, "last.pth"), weights_only=True)
         assert last["finished"] and {"optimizer", "scheduler", "rng", "early_stopping"} <= set(last)
 
 
 def test_phase_a_keeps_the_filters_and_phase_b_moves_them(finished_run):
     save_dir, _ = finished_run
     init = small_model().state_dict()
-    a = torch.load(os.path.join(save_dir, "phase_a", "best.pth"), weights_only=False)["state_dict"]
-    b = torch.load(os.path.join(save_dir, "phase_b", "best.pth"), weights_only=False)["state_dict"]
+    a = torch.load(os.path.join(save_dir, "phase_a", "best.pth"))["state_dict"]
+    b = torch.load(os.path.join(save_dir, "phase_b", "best.pth"))["state_dict"]
     blocks = [k for k in init if k.startswith("blocks.")]
     assert all(torch.equal(a[k], init[k]) for k in blocks)
     assert not torch.equal(b["blocks.0.psi_real.weight"], init["blocks.0.psi_real.weight"])
@@ -95,9 +116,23 @@ def test_phase_a_keeps_the_filters_and_phase_b_moves_them(finished_run):
     assert movement["block"] == 0 and len(movement["orientations"]) == 4 and movement["relative_l2"] > 0
 
 
+def test_json_filter_movement_is_what_analyze_prints(finished_run, capsys):
+    save_dir, _ = finished_run
+    movement = results_json(save_dir)["results"]["filter_movement"][0]["orientations"]
+    analyze.main(analyze.get_args_parser().parse_args(
+        ["--results-dir", save_dir, "--filters", os.path.join(save_dir, "phase_b", "best.pth")]))
+    printed = capsys.readouterr().out.splitlines()[3:3 + len(movement)]  # title, columns, index name, rows
+    for row, line in zip(movement, printed):
+        values = [float(v) for v in line.split()]
+        assert values[0] == row["orientation"]
+        assert values[1:] == pytest.approx([row[k] for k in ("relative_l2", "peak_frequency", "peak_angle_deg",
+                                                             "init_frequency", "init_angle_deg")], abs=5e-5)
+    assert movement[0]["init_frequency"] == pytest.approx(2.4297, abs=5e-5)  # one fft_size (256) everywhere
+
+
 def test_same_seed_same_curves(finished_run, tmp_path):
     save_dir, _ = finished_run
-    assert run_train(*SMALL, "--save-dir", str(tmp_path)).returncode == 0
+    train_in_process(*SMALL, "--save-dir", str(tmp_path))
     first, second = results_json(save_dir), results_json(str(tmp_path))
     timing = {"seconds", "img_per_s"}
     for phase in ("phase_a", "phase_b"):
@@ -132,7 +167,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
     saved = results_json(str(tmp_path))
     assert saved["results"]["replicas_in_sync"] is True
     model = small_model()
-    model.load_state_dict(torch.load(tmp_path / "phase_b" / "best.pth", weights_only=False)["state_dict"])
+    model.load_state_dict(torch.load(tmp_path / "phase_b" / "best.pth")["state_dict"])
     (_, _), (x, y), info = data.load_dataset("synthetic", ".", seed=0)
     accuracy = evaluate(model, data.TensorLoader(x, y, info, 250, "cpu", train=False), "cpu")["acc"]
     assert saved["results"]["finetune_acc"] == pytest.approx(accuracy, abs=1e-9)
@@ -157,43 +192,49 @@ def fingerprint(folder):
      "gets 2x2"),
     (["--kernel-size", "4"], "error: kernel size K must be a positive odd integer (the grid is centred on 0), got 4"),
     (["--lr-head", "0"], "error: --lr-head must be > 0 and --lr-extractor >= 0, got 0 and 0.001"),
-    (["--device", "cuda"], "error: --device cuda: CUDA is not available on this machine"),
+    (["--seed", "-1"], "error: --seed must be >= 0, got -1"),
+    pytest.param(["--device", "cuda"], "error: --device cuda: CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
-def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path):
-    proc = run_train(*SMALL, "--save-dir", str(tmp_path), *flags)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [message]
+def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path, capsys):
+    assert exit_2_message(capsys, *SMALL, "--save-dir", str(tmp_path), *flags) == [message]
     assert not os.listdir(tmp_path)
 
 
-def test_existing_run_is_never_overwritten(finished_run):
+def test_bad_flags_in_a_subprocess_give_no_traceback(tmp_path):
+    proc = run_train(*SMALL, "--save-dir", str(tmp_path), "--epochs", "0")
+    assert proc.returncode == 2 and proc.stderr == "error: --epochs must be >= 1, got 0\n"
+
+
+def test_existing_run_is_never_overwritten(finished_run, capsys):
     save_dir, _ = finished_run
     before = fingerprint(save_dir)
-    fresh = run_train(*SMALL, "--save-dir", save_dir)
-    assert fresh.returncode == 2
-    assert fresh.stderr.strip() == (f"error: {os.path.join(save_dir, 'phase_a', 'last.pth')} already exists: pass "
-                                    f"--resume to continue that run, or choose another --save-dir (nothing was overwritten)")
-    changed = run_train(*SMALL, "--save-dir", save_dir, "--resume", "--lr-head", "0.01")
-    assert changed.returncode == 2
-    assert changed.stderr.strip() == "error: --resume: these flags differ from the interrupted run: --lr-head 0.001 (now 0.01)"
+    assert exit_2_message(capsys, *SMALL, "--save-dir", save_dir) == [
+        f"error: {os.path.join(save_dir, 'phase_a', 'last.pth')} already exists: pass --resume to continue that "
+        f"run, or choose another --save-dir (nothing was overwritten)"]
+    assert exit_2_message(capsys, *SMALL, "--save-dir", save_dir, "--resume", "--lr-head", "0.01") == [
+        "error: --resume: these flags differ from the interrupted run: --lr-head 0.001 (now 0.01)"]
     assert fingerprint(save_dir) == before
 
 
-def test_resume_with_nothing_to_resume(tmp_path):
-    proc = run_train(*SMALL, "--save-dir", str(tmp_path), "--resume")
-    assert proc.returncode == 2 and proc.stderr.startswith(f"error: --resume: no checkpoint to continue in {tmp_path}")
+def test_resume_with_nothing_to_resume(tmp_path, capsys):
+    (line,) = exit_2_message(capsys, *SMALL, "--save-dir", str(tmp_path), "--resume")
+    assert line.startswith(f"error: --resume: no checkpoint to continue in {tmp_path}")
 
 
 SPEC_IMAGENET = ["--dataset", "imagenet", "--n-blocks", "6", "--L", "6", "--epochs", "90", "--lr-head", "0.01",
                  "--lr-extractor", "0.0001", "--global-batch-size", "1024"]
 
 
-def test_spec_imagenet_command_prints_its_plan_and_says_what_makes_it_fit(tmp_path):
-    proc = run_train(*SPEC_IMAGENET, "--data-dir", str(tmp_path / "ImageNet"), "--save-dir", str(tmp_path / "run"))
-    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith("error: the model has 1,656,347,616,916 parameters: 24,681.5 GiB for weights")
-    assert "--mixing-horizon, --global-avg-pool and --lowpass-last make it smaller" in proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[5].strip().startswith("block 5: 50,421 -> 352,947 channels, 7x7 -> 3x3")
+def test_spec_imagenet_command_prints_its_plan_and_says_what_makes_it_fit(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_in_process(*SPEC_IMAGENET, "--device", "cpu", "--data-dir", str(tmp_path / "ImageNet"),
+                         "--save-dir", str(tmp_path / "run"))
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("error: the model has 1,656,347,616,916 parameters: 24,681.5 GiB for weights")
+    assert "--mixing-horizon, --global-avg-pool and --lowpass-last make it smaller" in err
+    assert out.splitlines()[5].strip().startswith("block 5: 50,421 -> 352,947 channels, 7x7 -> 3x3")
     assert not (tmp_path / "run").exists()
 
 
@@ -209,13 +250,13 @@ def fake_imagenet(root, classes=2, per_class=2):
     return root
 
 
-def test_six_blocks_on_imagenet_images_train_with_the_fitting_flags(tmp_path):
+def test_six_blocks_on_imagenet_images_train_with_the_fitting_flags(tmp_path, capsys):
     data_dir = fake_imagenet(tmp_path / "ImageNet")
-    proc = run_train("--dataset", "imagenet", "--data-dir", str(data_dir), "--n-blocks", "6", "--L", "2",
+    train_in_process("--dataset", "imagenet", "--data-dir", str(data_dir), "--n-blocks", "6", "--L", "2",
                      "--mixing-horizon", "9", "--global-avg-pool", "--lowpass-last", "--epochs", "1",
                      "--global-batch-size", "2", "--workers", "0", "--seed", "0", "--threads", "1",
-                     "--save-dir", str(tmp_path / "run"))
-    assert proc.returncode == 0, proc.stderr
-    assert "block 5: 729 -> 729 channels, 7x7 -> 3x3" in proc.stdout and "DataLoader" in proc.stdout
+                     "--device", "cpu", "--print-freq", "0", "--save-dir", str(tmp_path / "run"))
+    out = capsys.readouterr().out
+    assert "block 5: 729 -> 729 channels, 7x7 -> 3x3" in out and "DataLoader" in out
     saved = results_json(str(tmp_path / "run"))
     assert saved["results"]["actual_train_samples"] == 4 and saved["results"]["test_samples"] == 4

@@ -1,4 +1,3 @@
-import json
 import os
 import subprocess
 import sys
@@ -29,19 +28,6 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["last.pth"]
 
 
-def test_experiment_log_writes_the_schema_after_each_update(tmp_path):
-    path = str(tmp_path / "results_x.json")
-    results, curves = {}, {"phase_a": [], "phase_b": []}
-    log = utils.ExperimentLog(path, {"dataset": "synthetic"}, results, curves)
-    log.add_epoch("phase_a", {"epoch": 1, "val_acc": 50.0})
-    assert json.load(open(path))["curves"]["phase_a"] == [{"epoch": 1, "val_acc": 50.0}]
-    results["head_acc"] = 50.0  # the log holds the caller's dicts: save() writes what they hold now
-    log.update_results(finetune_acc=55.0)
-    saved = json.load(open(path))
-    assert set(saved) == {"config", "results", "curves"}
-    assert saved["results"] == {"head_acc": 50.0, "finetune_acc": 55.0} and saved["config"] == {"dataset": "synthetic"}
-
-
 def test_die_prints_one_line_and_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         utils.die("--epochs must be >= 1, got 0")
@@ -65,10 +51,10 @@ def test_single_process_helpers(monkeypatch):
 
 PAGE_FAULT_PROBE = """
 import resource, sys, torch, utils
-from scattering_net import ScatteringNet
+from scattering_net import ModelConfig, ScatteringNet
 if sys.argv[1] == "keep":
     assert utils.keep_freed_memory()
-net, x = ScatteringNet(2, 3, 32, 10, learnable=False, mixing_horizon=1), torch.randn(64, 3, 32, 32)
+net, x = ScatteringNet(ModelConfig(learnable=False, mixing_horizon=1)), torch.randn(64, 3, 32, 32)
 with torch.no_grad():
     net(x)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
