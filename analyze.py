@@ -25,11 +25,19 @@ import wavelet_kernels
 from scattering_net import ModelConfig, ScatteringNet
 from utils import die, load_checkpoint
 
-REQUIRED = {"config": ("dataset", "n_blocks", "L", "modulus_type"),
-            "results": ("head_acc", "finetune_acc", "finetune_gain", "filter_delta_l2", "filter_delta_relative",
-                        "n_params_total", "n_params_trainable", "actual_train_samples")}
-COLUMNS = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "learnable", "head_acc", "finetune_acc",
-           "finetune_gain", "filter_delta_l2", "filter_delta_relative", "n_params_total", "n_params_trainable"]
+# The arms of the experiment: head then fine-tuning, head then more head training with the blocks
+# frozen (train.py --freeze-extractor), and one joint phase (train.py --joint, random init's protocol).
+TWO_PHASE, FROZEN, JOINT = "two-phase", "frozen-continuation", "joint"
+REQUIRED_CONFIG = ("dataset", "n_blocks", "L", "modulus_type")
+REQUIRED_RESULTS = {
+    TWO_PHASE: ("head_acc", "finetune_acc", "finetune_gain", "filter_delta_l2", "filter_delta_relative",
+                "n_params_total", "n_params_trainable", "actual_train_samples"),
+    JOINT: ("joint_acc", "filter_delta_l2", "filter_delta_relative", "n_params_total", "n_params_trainable",
+            "actual_train_samples")}
+REQUIRED_RESULTS[FROZEN] = REQUIRED_RESULTS[TWO_PHASE]
+COLUMNS = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "init", "arm", "head_acc", "finetune_acc",
+           "finetune_gain", "joint_acc", "filter_delta_l2", "filter_delta_relative", "n_params_total",
+           "n_params_trainable"]
 # Pearson's r of fewer points says nothing (two points always lie on a line).
 MIN_POINTS_FOR_R = 3
 
@@ -55,15 +63,21 @@ def load_experiments(results_dir):
         try:
             with open(path) as f:
                 exp = json.load(f)
-            missing = [f"{part}.{key}" for part, keys in REQUIRED.items() for key in keys
+            required = {"config": REQUIRED_CONFIG, "results": REQUIRED_RESULTS[arm_of(exp["config"])]}
+            missing = [f"{part}.{key}" for part, keys in required.items() for key in keys
                        if key not in (exp.get(part) or {})]
-        except (OSError, ValueError, AttributeError) as e:
+        except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
             missing = [f"unreadable ({type(e).__name__})"]
         if missing:
             print(f"warning: skipping {path}: missing {', '.join(missing)}", file=sys.stderr)
             continue
         experiments.append((path, exp))
     return experiments
+
+
+def arm_of(config):
+    """Which arm of the experiment a run's config belongs to (runs from before these flags: two-phase)."""
+    return JOINT if config.get("joint") else FROZEN if config.get("freeze_extractor") else TWO_PHASE
 
 
 def summary_table(experiments):
@@ -73,7 +87,7 @@ def summary_table(experiments):
         config, results = exp["config"], exp["results"]
         row = {"dataset": config["dataset"], "train_size": results["actual_train_samples"],
                "n_blocks": config["n_blocks"], "L": config["L"], "modulus_type": config["modulus_type"],
-               "learnable": config.get("learnable", True)}
+               "init": config.get("init", "wavelet"), "arm": arm_of(config)}
         row.update({key: results[key] for key in COLUMNS if key in results})
         rows.append({**row, "path": path})
     table = pd.DataFrame(rows, columns=COLUMNS + ["path"]).sort_values(["dataset", "train_size", "path"])
@@ -87,12 +101,19 @@ def configuration_label(row):
     return f"{row.dataset} J={row.n_blocks} L={row.L} {row.modulus_type}"
 
 
+# What each arm contributes to the accuracy plot: (column, marker style, legend text).
+ACCURACY_LINES = {TWO_PHASE: [("head_acc", "o--", "head only (Phase A)"), ("finetune_acc", "s-", "fine-tuned (Phase B)")],
+                  FROZEN: [("finetune_acc", "^:", "head, trained on (frozen blocks)")],
+                  JOINT: [("joint_acc", "d-.", "joint")]}
+
+
 def plot_size_vs_accuracy(plt, table, path):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, group in table.groupby(table.apply(configuration_label, axis=1)):
-        group = group.groupby("train_size")[["head_acc", "finetune_acc"]].mean()  # repeated sizes: mean
-        ax.plot(group.index, group.head_acc, "o--", label=f"head only (Phase A), {label}")
-        ax.plot(group.index, group.finetune_acc, "s-", label=f"fine-tuned (Phase B), {label}")
+    labels = table.apply(configuration_label, axis=1) + ", " + table.init + " init"
+    for (label, arm), group in table.groupby([labels, table.arm]):
+        for column, style, text in ACCURACY_LINES[arm]:
+            means = group.groupby("train_size")[column].mean()  # repeated sizes: mean
+            ax.plot(means.index, means, style, label=f"{text}, {label}")
     ax.set(xscale="log", xlabel="training images (log scale)", ylabel="test accuracy (%)",
            title="Training-set size vs accuracy")
     ax.grid(alpha=0.3)
@@ -143,7 +164,7 @@ def plot_delta_vs_gain(plt, table, path):
 def plot_curves(plt, exp, number, path):
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     offset = 0
-    for phase, style in (("phase_a", "o-"), ("phase_b", "s-")):
+    for phase, style in (("phase_a", "o-"), ("phase_b", "s-"), ("joint", "d-")):
         rows = exp["curves"].get(phase, [])
         epochs = [offset + r["epoch"] for r in rows]
         acc_ax.plot(epochs, [r["val_acc"] for r in rows], style, markersize=3, label=f"{phase} val")
@@ -151,6 +172,8 @@ def plot_curves(plt, exp, number, path):
         offset += len(rows)
     acc_ax.set(xlabel="epoch (Phase B continues Phase A)", ylabel="validation accuracy (%)")
     loss_ax.set(xlabel="epoch (Phase B continues Phase A)", ylabel="training loss (cross-entropy)")
+    if not offset:
+        acc_ax.text(0.5, 0.5, "no epochs recorded", ha="center", transform=acc_ax.transAxes)
     for ax in (acc_ax, loss_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -254,10 +277,11 @@ def main(args):
 
 def format_table(table):
     """The summary as text: accuracies to 0.01 points, filter deltas to 4 decimals, counts with separators."""
-    formats = {"head_acc": "{:.2f}", "finetune_acc": "{:.2f}", "finetune_gain": "{:+.2f}",
+    formats = {"head_acc": "{:.2f}", "finetune_acc": "{:.2f}", "finetune_gain": "{:+.2f}", "joint_acc": "{:.2f}",
                "filter_delta_l2": "{:.4f}", "filter_delta_relative": "{:.4f}", "train_size": "{:,}",
                "n_params_total": "{:,}", "n_params_trainable": "{:,}"}
-    return table.drop(columns="path").to_string(formatters={k: v.format for k, v in formats.items()})
+    return table.drop(columns="path").to_string(
+        formatters={k: (lambda v, f=f: "-" if pd.isna(v) else f.format(v)) for k, f in formats.items()})
 
 
 def analyze_results(plt, args, plots_dir):
@@ -271,8 +295,9 @@ def analyze_results(plt, args, plots_dir):
                                                         "plot_size_vs_gain.png", "plot_delta_vs_gain.png")]
     table.to_csv(saved[0])
     plot_size_vs_accuracy(plt, table, saved[1])
-    plot_size_vs_gain(plt, table, saved[2])
-    r = plot_delta_vs_gain(plt, table, saved[3])
+    fine_tuned = table[table.arm == TWO_PHASE]  # the gain plots are about learning the filters
+    plot_size_vs_gain(plt, fine_tuned, saved[2])
+    r = plot_delta_vs_gain(plt, fine_tuned, saved[3])
     if args.curves:
         os.makedirs(os.path.join(plots_dir, "curves"), exist_ok=True)
         by_path = dict(experiments)

@@ -21,8 +21,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASETS = ("cifar10", "fashion-mnist", "mnist", "synthetic", "imagenet")
-IN_MEMORY = ("cifar10", "fashion-mnist", "mnist", "synthetic")
+DATASETS = ("cifar10", "cifar100", "fashion-mnist", "mnist", "synthetic", "imagenet", "folder")
+# Held in memory as uint8 (the fast path); "folder" only when it fits (FOLDER_MEMORY_SHARE).
+IN_MEMORY = ("cifar10", "cifar100", "fashion-mnist", "mnist", "synthetic", "folder")
+# A folder dataset is loaded into memory when its uint8 pixels take at most this share of the RAM.
+FOLDER_MEMORY_SHARE = 0.25
+# Mean and std of a folder too big for memory are estimated from this many training images.
+FOLDER_STATS_SAMPLE = 2000
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 SYNTHETIC_SIZES = {"train": 4000, "test": 1000}
 IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # the usual 0.875 centre-crop ratio
@@ -57,13 +63,15 @@ class DatasetInfo:
     flip: bool
 
 
-# Per-channel means and standard deviations of the training images in [0, 1].
+# Per-channel means and standard deviations of the training images in [0, 1] (a folder's are
+# computed from its own training images when it is loaded: folder_info gives placeholders).
 # 28 x 28 sets pad crops by 2 (a 32 x 32 set's 4, scaled) and are not flipped:
 # MNIST digits are not mirror-symmetric, and Fashion-MNIST's classes are
 # already centred and left-right balanced. Synthetic textures are classified
 # by orientation, which a flip changes (theta -> pi - theta), so no flip.
 INFO = {
     "cifar10": DatasetInfo("cifar10", 3, 32, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True),
+    "cifar100": DatasetInfo("cifar100", 3, 32, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), 4, True),
     "fashion-mnist": DatasetInfo("fashion-mnist", 1, 28, 10, (0.2860,), (0.3530,), 2, False),
     "mnist": DatasetInfo("mnist", 1, 28, 10, (0.1307,), (0.3081,), 2, False),
     "synthetic": DatasetInfo("synthetic", 3, 32, 10, (0.5, 0.5, 0.5), (0.19, 0.19, 0.19), 4, False),
@@ -153,51 +161,177 @@ def _download(torchvision_name, data_dir):
     return None
 
 
-CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+# torchvision class, extracted folder and its files, per CIFAR dataset.
+CIFAR = {"cifar10": ("CIFAR10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]),
+         "cifar100": ("CIFAR100", "cifar-100-python", ["train", "test"])}
 
 
-def _cifar10(data_dir):
+def _cifar(name, data_dir):
     import torchvision
-    folder = os.path.join(data_dir, "cifar-10-batches-py")
-    missing = [f for f in CIFAR_FILES if not os.path.isfile(os.path.join(folder, f))]
+    torchvision_name, folder_name, files = CIFAR[name]
+    folder = os.path.join(data_dir, folder_name)
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        error = _download("CIFAR10", data_dir)
+        error = _download(torchvision_name, data_dir)
         if error:
-            raise DatasetError(f"cifar10: {', '.join(missing)} not found in {folder}, and the download failed "
-                               f"({error}); put the extracted cifar-10-batches-py folder under --data-dir")
+            raise DatasetError(f"{name}: {', '.join(missing)} not found in {folder}, and the download failed "
+                               f"({error}); put the extracted {folder_name} folder under --data-dir")
     splits = []
     for train in (True, False):
-        ds = torchvision.datasets.CIFAR10(data_dir, train=train, download=False)
+        ds = getattr(torchvision.datasets, torchvision_name)(data_dir, train=train, download=False)
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
         splits.append((x, torch.tensor(ds.targets, dtype=torch.int64)))
     return splits[0], splits[1]
 
 
+# ----------------------------------------------------------------------------- image folders
+
+def folder_classes(name, data_dir):
+    """Class names of an ImageFolder tree (<data_dir>/train, <data_dir>/val), checked to be the same in both.
+
+    ImageFolder numbers the classes of each split by their sorted names, so a
+    class missing from one split would shift every label after it.
+    """
+    classes = {}
+    for split in ("train", "val"):
+        root = os.path.join(data_dir, split)
+        if not os.path.isdir(root):
+            raise DatasetError(f"{name}: no folder {root}; --data-dir must contain train/ and val/, one sub-folder "
+                               f"per class")
+        classes[split] = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        if not classes[split]:
+            raise DatasetError(f"{name}: {root} has no class sub-folders")
+    only_train, only_val = sorted(set(classes["train"]) - set(classes["val"])), sorted(set(classes["val"]) - set(classes["train"]))
+    if only_train or only_val:
+        raise DatasetError(f"{name}: train/ and val/ must have the same classes (labels would shift): "
+                           f"only in train/: {only_train or 'none'}; only in val/: {only_val or 'none'}")
+    return classes["train"]
+
+
+def folder_images(root, classes):
+    """[(path, label)] of every image file under root/<class>/, sorted; DatasetError for an empty class."""
+    samples = []
+    for label, c in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not files:
+            raise DatasetError(f"class folder {os.path.join(root, c)} has no images ({', '.join(IMAGE_EXTENSIONS)})")
+        samples += [(os.path.join(root, c, f), label) for f in files]
+    return samples
+
+
+def open_image(path, mode):
+    """A PIL image in ``mode``; DatasetError naming the file when it cannot be decoded."""
+    from PIL import Image
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e})") from None
+
+
+def folder_info(data_dir, image_size=None):
+    """The facts of a folder dataset: classes from the tree, channels and size from the first training image.
+
+    Mean and std are placeholders until load_dataset computes them from the
+    training images. Crops pad by image_size // 8 (CIFAR's 4 at 32) and flip.
+    """
+    classes = folder_classes("folder", data_dir)
+    first_path = folder_images(os.path.join(data_dir, "train"), classes[:1])[0][0]
+    from PIL import Image
+    try:
+        with Image.open(first_path) as img:
+            channels, size = (1 if img.mode in ("1", "L", "I", "I;16", "F") else 3), min(img.size)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"cannot read image {first_path} ({type(e).__name__}: {e})") from None
+    size = image_size or size
+    return DatasetInfo("folder", channels, size, len(classes), (0.5,) * channels, (0.25,) * channels, size // 8, True)
+
+
+def _folder_transform(info):
+    import torchvision.transforms as T
+    return T.Compose([T.Resize(info.spatial), T.CenterCrop(info.spatial), T.PILToTensor()])
+
+
+def _folder_in_memory(samples, info):
+    """(uint8 images (N, C, S, S), int64 labels) of [(path, label)], resized and centre-cropped to S."""
+    mode, to_tensor = ("L" if info.in_channels == 1 else "RGB"), _folder_transform(info)
+    images = torch.empty(len(samples), info.in_channels, info.spatial, info.spatial, dtype=torch.uint8)
+    for i, (path, _) in enumerate(samples):
+        images[i] = to_tensor(open_image(path, mode))
+    return images, torch.tensor([label for _, label in samples], dtype=torch.int64)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """[(path, label)] read one by one (the DataLoader path of folders too big for memory), uint8 (C, S, S)."""
+
+    def __init__(self, samples, info):
+        self.samples, self.mode, self.transform = samples, ("L" if info.in_channels == 1 else "RGB"), _folder_transform(info)
+        self.targets = [label for _, label in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(open_image(path, self.mode)), label
+
+
+def pixel_mean_std(images):
+    """Per-channel mean and std in [0, 1] of uint8 images (N, C, H, W), as tuples."""
+    x = images.double().div(255).transpose(0, 1).flatten(1)  # (N, C, H, W) -> (C, N*H*W)
+    return tuple(round(v, 4) for v in x.mean(1).tolist()), tuple(round(v, 4) for v in x.std(1).tolist())
+
+
+def _folder(data_dir, info):
+    """A folder dataset: in memory (uint8 tensors) when it fits, else FolderImages; info with its mean/std."""
+    classes = folder_classes("folder", data_dir)
+    samples = {split: folder_images(os.path.join(data_dir, split), classes) for split in ("train", "val")}
+    n_bytes = sum(map(len, samples.values())) * info.in_channels * info.spatial ** 2
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if n_bytes <= FOLDER_MEMORY_SHARE * ram:
+        train, val = (_folder_in_memory(samples[split], info) for split in ("train", "val"))
+        return train, val, replace(info, **dict(zip(("mean", "std"), pixel_mean_std(train[0]))))
+    train, val = FolderImages(samples["train"], info), FolderImages(samples["val"], info)
+    picks = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:FOLDER_STATS_SAMPLE]
+    stats = pixel_mean_std(torch.stack([train[i][0] for i in picks.tolist()]))
+    return train, val, replace(info, **dict(zip(("mean", "std"), stats)))
+
+
 def _imagenet(data_dir, info):
     import torchvision
     import torchvision.transforms as T
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(data_dir, split)):
-            raise DatasetError(f"imagenet: no folder {os.path.join(data_dir, split)}; --data-dir must contain "
-                               f"train/ and val/, one sub-folder per class")
+    folder_classes("imagenet", data_dir)
     normalize = T.Normalize(info.mean, info.std)
     train_tf = T.Compose([T.RandomResizedCrop(info.spatial), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     val_tf = T.Compose([T.Resize(IMAGENET_RESIZE), T.CenterCrop(info.spatial), T.ToTensor(), normalize])
-    return (torchvision.datasets.ImageFolder(os.path.join(data_dir, "train"), train_tf),
-            torchvision.datasets.ImageFolder(os.path.join(data_dir, "val"), val_tf))
+    try:
+        return (torchvision.datasets.ImageFolder(os.path.join(data_dir, "train"), train_tf),
+                torchvision.datasets.ImageFolder(os.path.join(data_dir, "val"), val_tf))
+    except FileNotFoundError as e:  # a class folder without images
+        raise DatasetError(f"imagenet: {e}") from None
 
 
-def load_dataset(name, data_dir, seed=0):
-    """(train, test, info). In-memory sets give (uint8 images (N, C, H, W), int64 labels); ImageNet gives ImageFolders."""
+def dataset_info(name, data_dir, image_size=None):
+    """The facts needed to plan a model (channels, size, classes) before loading: INFO, or a folder's own."""
     if name not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose from {DATASETS}")
-    info = INFO[name]
+    if image_size is not None and name != "folder":
+        raise DatasetError(f"--image-size is for --dataset folder, not {name} ({INFO[name].spatial}x{INFO[name].spatial})")
+    return folder_info(data_dir, image_size) if name == "folder" else INFO[name]
+
+
+def load_dataset(name, data_dir, seed=0, image_size=None):
+    """(train, test, info). In-memory sets give (uint8 images (N, C, H, W), int64 labels); ImageNet gives
+    ImageFolders, a folder too big for memory FolderImages."""
+    info = dataset_info(name, data_dir, image_size)
+    if name == "folder":
+        return _folder(data_dir, info)
     if name == "synthetic":
         return (synthetic_textures(SYNTHETIC_SIZES["train"], seed), synthetic_textures(SYNTHETIC_SIZES["test"], seed + 1),
                 info)
     if name == "imagenet":
         return (*_imagenet(data_dir, info), info)
-    train, test = _cifar10(data_dir) if name == "cifar10" else _mnist_like(name, data_dir)
+    train, test = _cifar(name, data_dir) if name in CIFAR else _mnist_like(name, data_dir)
     return train, test, info
 
 
@@ -389,27 +523,45 @@ class Loaders:
     n_val: int
 
 
+class Transformed(torch.utils.data.Dataset):
+    """A dataset of (uint8 image, label) with a transform applied to each image."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return self.transform(image), label
+
+
 def build_loaders(name, data_dir, train_size, batch_size, device, fast_path=None, workers=4, seed=0, rank=0,
-                  world_size=1, augment=True):
+                  world_size=1, augment=True, image_size=None):
     """Train and validation loaders (per-rank batch_size) with the dataset's facts, as ``Loaders``.
 
-    fast_path None: on for the in-memory datasets (on CPU too, where it is
-    faster than worker processes for these small images), off for ImageNet.
-    The subset depends only on (dataset, train_size, seed), so every rank
-    draws the same one. augment=False trains on the images as they are (no
-    crop, no flip; in-memory datasets only): the protocol of the usual
-    fixed-scattering + linear baselines.
+    fast_path None: on for the datasets held in memory (on CPU too, where it
+    is faster than worker processes for these small images), off for
+    ImageNet and folders too big for memory. The subset depends only on
+    (dataset, train_size, seed), so every rank draws the same one.
+    augment=False trains on the images as they are (no crop, no flip;
+    in-memory datasets only): the protocol of the usual fixed-scattering +
+    linear baselines.
     """
     if not augment and name not in IN_MEMORY:
         raise DatasetError(f"--no-augment is for the in-memory datasets {IN_MEMORY}, not {name}")
-    train, test, info = load_dataset(name, data_dir, seed)
+    if fast_path and name not in IN_MEMORY:
+        raise DatasetError(f"the in-memory fast path supports {IN_MEMORY}, not {name}")
+    train, test, info = load_dataset(name, data_dir, seed, image_size)
+    in_memory = isinstance(train, tuple)
+    if (fast_path or not augment) and not in_memory:
+        raise DatasetError(f"{data_dir} is too large to hold in memory ({FOLDER_MEMORY_SHARE:.0%} of the RAM at most): "
+                           f"--fast-path and --no-augment need it there")
     if not augment:
         info = replace(info, crop_padding=0, flip=False)
     subset = stratified_subset(dataset_labels(train), train_size, seed)
-    if fast_path is None:
-        fast_path = name in IN_MEMORY
-    if fast_path and name not in IN_MEMORY:
-        raise DatasetError(f"the in-memory fast path supports {IN_MEMORY}, not {name}")
+    fast_path = in_memory if fast_path is None else fast_path
     n_val = len(dataset_labels(test))
     if name == "imagenet":
         train_ds, test_ds = torch.utils.data.Subset(train, subset.tolist()), test
@@ -418,9 +570,12 @@ def build_loaders(name, data_dir, train_size, batch_size, device, fast_path=None
         return Loaders(TensorLoader(*train, info, batch_size, device, True, seed, rank, world_size),
                        TensorLoader(*test, info, batch_size, device, False, seed, rank, world_size),
                        info, len(subset), n_val)
-    else:
+    elif in_memory:
         train_ds = TensorImageDataset(train[0][subset], train[1][subset], torchvision_transforms(info, train=True))
         test_ds = TensorImageDataset(*test, torchvision_transforms(info, train=False))
+    else:
+        train_ds = Transformed(torch.utils.data.Subset(train, subset.tolist()), torchvision_transforms(info, train=True))
+        test_ds = Transformed(test, torchvision_transforms(info, train=False))
     return Loaders(EpochDataLoader(train_ds, batch_size, True, workers, device, seed, rank, world_size),
                    EpochDataLoader(test_ds, batch_size, False, workers, device, seed, rank, world_size),
                    info, len(subset), n_val)

@@ -38,10 +38,11 @@ def fit_single_phase(phase, model, env, args, save_dir):
 
     Saves <save_dir>/best.pth and last.pth; returns (best val acc, its epoch, the per-epoch curves).
     """
-    optimizer = train.adamw([{"params": [p for p in model.parameters() if p.requires_grad], "lr": args.lr}],
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = train.adamw([{"params": params, "lr": args.lr, "name": "all", "nominal_lr": args.lr}],
                             args.weight_decay)
     state = train.RunState(vars(args), json_path=None, curves={phase: []})
-    _, best_acc, best_epoch = train.run_phase(phase, model, optimizer, env, args, state, save_dir)
+    _, best_acc, best_epoch, _ = train.run_phase(phase, model, optimizer, env, args, state, save_dir, args.epochs)
     train.finish_phase(state, save_dir)
     return best_acc, best_epoch, state.curves[phase]
 

@@ -15,6 +15,9 @@ import numpy as np
 import torch.nn as nn
 
 from utils import die
+
+# How the block weights start: the scattering transform's filters, or PyTorch's default initialisation.
+INITS = ("wavelet", "random")
 from wavelet_kernels import check_kernel_size
 from spatial_scattering import (MODULUS_TYPES, PADDING_MODES, ScatteringBlock, block_parameter_count,
                                 filter_movement, mixing_groups, wavelet_parameter_count)
@@ -65,6 +68,7 @@ class ModelConfig:
     lowpass_last: bool = False
     padding_mode: str = "zeros"
     learnable: bool = True
+    init: str = "wavelet"
 
     @classmethod
     def from_args(cls, args, info=None):
@@ -98,6 +102,11 @@ def add_model_args(parser):
     group.add_argument("--lowpass-last", action="store_true", help="the last block outputs only its low-pass path")
     group.add_argument("--padding-mode", default=d.padding_mode, choices=PADDING_MODES,
                        help="border handling of the filters")
+    group.add_argument("--init", default=d.init, choices=INITS,
+                       help="wavelet: Morlet filters, average pooling, phase collapse 1/sqrt(2); random: PyTorch's "
+                            "default (Kaiming-uniform) init of every block weight, same shapes")
+    group.add_argument("--random-init", dest="init", action="store_const", const="random",
+                       help="the same as --init random")
     return group
 
 
@@ -124,6 +133,8 @@ def plan_blocks(config):
         raise ValueError(f"modulus_type must be one of {MODULUS_TYPES}, got {c.modulus_type!r}")
     if c.padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {c.padding_mode!r}")
+    if c.init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {c.init!r}")
     plans, channels, spatial = [], c.in_channels, c.in_spatial
     for j in range(c.n_blocks):
         lowpass_only = c.lowpass_last and j == c.n_blocks - 1
@@ -184,6 +195,10 @@ class ScatteringNet(nn.Module):
         self.blocks = nn.Sequential(*[
             ScatteringBlock(b.in_channels, config.L, config.kernel_size, config.modulus_type, config.learnable,
                             config.mixing_horizon, b.lowpass_only, config.padding_mode) for b in self.plan["blocks"]])
+        if config.init == "random":  # the random-init control: same shapes, no wavelet in them
+            for conv in self.blocks.modules():
+                if isinstance(conv, nn.Conv2d):
+                    conv.reset_parameters()
         channels = self.plan["classifier_channels"]
         self.bn = nn.BatchNorm2d(channels)
         self.pool = nn.AdaptiveAvgPool2d(1) if config.global_avg_pool else nn.Identity()

@@ -11,8 +11,10 @@ every epoch; checkpoints to <save-dir>/phase_{a,b}/{best,last}.pth.
 Measured results are in README.md and BENCHMARKS.md, with their commands.
 """
 import argparse
+import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
@@ -22,13 +24,24 @@ import torch
 import torch.nn as nn
 
 import data
-from engine import EarlyStopping, evaluate, filter_deltas, train_one_epoch
+import wavelet_kernels
+from engine import EarlyStopping, NonFiniteLoss, evaluate, filter_deltas, train_one_epoch
 from scattering_net import ModelConfig, ScatteringNet, add_model_args, count_parameters, describe_plan
 from utils import (barrier, broadcast_object, cleanup_distributed, device_memory_bytes, die,
                    distributed_env, init_distributed, is_main_process, keep_freed_memory, load_checkpoint, main_print,
                    replicas_agree, save_checkpoint, seed_everything, write_json)
 
 PHASES = ("phase_a", "phase_b")
+JOINT = "joint"
+EXTRACTOR_LR_SCALES = ("fixed", "rms")
+# Phase B's defaults, chosen by the ablation in README.md ("Phase B without the collapse").
+PHASE_B_RECIPE = {"lr_head_finetune": None, "warmup_epochs": 3.0, "carry_head_state": True,
+                  "extractor_lr_scale": "rms"}
+# Phase B's head learning rate is --lr-head times this unless --lr-head-finetune says otherwise: Phase A
+# ends with the head's lr near 0, and going back to all of --lr-head throws away what it converged to.
+HEAD_FINETUNE_FACTOR = 0.1
+# Exit code of a run stopped by a NaN or infinite loss (README.md, "Failures and recovery").
+EXIT_DIVERGED = 3
 # Training with AdamW keeps 4 float32 numbers per parameter: weight, gradient, two moments.
 TRAINING_BYTES_PER_PARAM = 16
 
@@ -41,6 +54,9 @@ def add_data_args(parser, default_dataset="cifar10"):
     group.add_argument("--data-dir", default="./data", help="root folder (ImageNet: parent of train/ and val/)")
     group.add_argument("--train-size", default=None,
                        help="stratified subset: a fraction (0.1) or a count (5000); default: the whole set")
+    group.add_argument("--image-size", type=int, default=None,
+                       help="--dataset folder: resize + centre-crop every image to this size; default: the first "
+                            "training image's")
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="SPEC.md's training augmentation (random crop, flip where the dataset has it); "
                             "--no-augment: none (in-memory datasets)")
@@ -67,9 +83,33 @@ def get_args_parser():
     add_data_args(parser)
     add_model_args(parser)
     phases = parser.add_argument_group("training phases")
-    phases.add_argument("--epochs", type=int, default=100, help="max epochs per phase")
-    phases.add_argument("--lr-head", type=float, default=1e-3, help="BN + classifier learning rate (both phases)")
-    phases.add_argument("--lr-extractor", type=float, default=1e-4, help="scattering blocks' learning rate (Phase B)")
+    phases.add_argument("--epochs", type=int, default=100, help="max epochs of Phase B (and of Phase A unless "
+                                                                  "--head-epochs)")
+    phases.add_argument("--head-epochs", "--lr-epochs", type=int, default=None,
+                        help="max epochs of Phase A; default: --epochs")
+    phases.add_argument("--lr-head", type=float, default=1e-3, help="BN + classifier learning rate (every phase)")
+    phases.add_argument("--lr-extractor", type=float, default=1e-4, help="scattering blocks' learning rate")
+    phases.add_argument("--joint", action="store_true",
+                        help="instead of the two phases: one phase training everything from the start, for "
+                             "--head-epochs + --epochs epochs (joint_acc); the protocol for --init random")
+    phases.add_argument("--freeze-extractor", action="store_true",
+                        help="control: Phase B keeps the blocks frozen (same epochs and schedule): what more head "
+                             "training alone gains")
+    phases.add_argument("--l2-sp", "--l2-penalty", type=float, default=0.0, metavar="LAMBDA",
+                        help="L2-SP: add LAMBDA/2 * ||W - W0||^2 over the blocks' weights to the loss (Li et al., "
+                             "ICML 2018), W0 their values when they start to train")
+    recipe = parser.add_argument_group("Phase B recipe (README.md, \"Phase B without the collapse\")")
+    recipe.add_argument("--lr-head-finetune", type=float, default=PHASE_B_RECIPE["lr_head_finetune"],
+                        help=f"the head's learning rate in Phase B; default: --lr-head x {HEAD_FINETUNE_FACTOR}")
+    recipe.add_argument("--warmup-epochs", type=float, default=PHASE_B_RECIPE["warmup_epochs"],
+                        help="Phase B / joint: learning rates rise linearly from 0 over these epochs, then cosine")
+    recipe.add_argument("--carry-head-state", action=argparse.BooleanOptionalAction,
+                        default=PHASE_B_RECIPE["carry_head_state"],
+                        help="Phase B continues Phase A's AdamW moments for BN + classifier")
+    recipe.add_argument("--extractor-lr-scale", choices=EXTRACTOR_LR_SCALES, default=PHASE_B_RECIPE["extractor_lr_scale"],
+                        help="fixed: every block weight at --lr-extractor; rms: each weight tensor at --lr-extractor x "
+                             "its RMS / the RMS of the Morlet wavelets (zero-initialised entries of dense blocks "
+                             "move in proportion)")
     training = parser.add_argument_group("training")
     training.add_argument("--global-batch-size", type=int, default=128, help="split evenly across DDP ranks")
     training.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
@@ -82,6 +122,8 @@ def get_args_parser():
 def check_common_args(args, batch_size, world_size):
     """Everything that can be wrong with the shared flags, before anything is loaded or written."""
     positive = {"--epochs": args.epochs, "--patience": args.patience, "--n-blocks": args.n_blocks, "--L": args.L}
+    positive.update({flag: value for flag, value in (("--head-epochs", getattr(args, "head_epochs", None)),
+                                                     ("--image-size", args.image_size)) if value is not None})
     for flag, value in positive.items():
         if value < 1:
             die(f"{flag} must be >= 1, got {value}")
@@ -92,8 +134,10 @@ def check_common_args(args, batch_size, world_size):
         die(f"--seed must be >= 0, got {args.seed}")
     if args.threads is not None and args.threads < 1:
         die(f"--threads must be >= 1, got {args.threads}")
-    if args.weight_decay < 0:
-        die(f"--weight-decay must be >= 0, got {args.weight_decay}")
+    for flag, value in (("--weight-decay", args.weight_decay), ("--l2-sp", getattr(args, "l2_sp", 0.0)),
+                        ("--warmup-epochs", getattr(args, "warmup_epochs", 0.0))):
+        if not value >= 0 or value == float("inf"):  # NaN fails every comparison
+            die(f"{flag} must be a finite number >= 0, got {value}")
     if batch_size < 1 or batch_size % world_size:
         die(f"the batch size {batch_size} must be a positive multiple of the number of processes ({world_size})")
     try:
@@ -101,8 +145,9 @@ def check_common_args(args, batch_size, world_size):
     except data.DatasetError as e:
         die(e)
     try:
-        return count_parameters(ModelConfig.from_args(args, data.INFO[args.dataset]))
-    except ValueError as e:
+        return count_parameters(ModelConfig.from_args(args, data.dataset_info(args.dataset, args.data_dir,
+                                                                               args.image_size)))
+    except (ValueError, data.DatasetError) as e:
         die(e)
 
 
@@ -149,7 +194,8 @@ def setup(args, batch_size):
     seed_everything(seed + rank)
     try:
         loaders = data.build_loaders(args.dataset, args.data_dir, args.train_size, batch_size // world_size, device,
-                                     args.fast_path, args.workers, seed, rank, world_size, args.augment)
+                                     args.fast_path, args.workers, seed, rank, world_size, args.augment,
+                                     args.image_size)
     except data.DatasetError as e:
         die(e)
     return {"rank": rank, "world_size": world_size, "device": device, "seed": seed, "data": loaders}
@@ -254,15 +300,15 @@ class RunState:
 
 def find_last_checkpoint(save_dir, resume):
     """The newest last.pth to continue from (None for a fresh run); dies on an unusable save-dir."""
-    lasts = {p: os.path.join(save_dir, p, "last.pth") for p in PHASES}
-    existing = [p for p in PHASES if os.path.isfile(lasts[p])]
+    lasts = {p: os.path.join(save_dir, p, "last.pth") for p in (*PHASES, JOINT)}
+    existing = [p for p in lasts if os.path.isfile(lasts[p])]
     if not resume:
         if existing:
             die(f"{lasts[existing[0]]} already exists: pass --resume to continue that run, or choose another "
                 f"--save-dir (nothing was overwritten)")
         return None
     if not existing:
-        die(f"--resume: no checkpoint to continue in {save_dir} (looked for {lasts['phase_a']} and {lasts['phase_b']})")
+        die(f"--resume: no checkpoint to continue in {save_dir} (looked for {', '.join(lasts.values())})")
     return load_checkpoint(lasts[existing[-1]])
 
 
@@ -282,13 +328,14 @@ def load_run_state(args, seed, last):
     A finished phase's last.pth means: start the next phase afresh, with the
     results and curves that checkpoint carries. Sets args.seed to the run's seed.
     """
+    phases = (JOINT,) if args.joint else PHASES
     if last is None:
         args.seed = seed
         json_path = os.path.join(args.save_dir, f"results_{time.strftime('%Y%m%d-%H%M%S')}.json")
-        return RunState(vars(args), json_path, {p: [] for p in PHASES})
+        return RunState(vars(args), json_path, {p: [] for p in phases}, start_phase=phases[0])
     check_resume_config(last["config"], args)
     args.seed = last["config"]["seed"]
-    start = PHASES[PHASES.index(last["phase"]) + 1] if last["finished"] and last["phase"] != PHASES[-1] \
+    start = phases[phases.index(last["phase"]) + 1] if last["finished"] and last["phase"] != phases[-1] \
         else last["phase"]
     return RunState(vars(args), last["json_path"], last["curves_all"], last["results"], start, last)
 
@@ -322,19 +369,77 @@ def adamw(groups, weight_decay):
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 
-def cosine(optimizer, epochs):
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+def warmup_cosine(optimizer, steps_per_epoch, epochs, warmup_epochs=0.0):
+    """Per-step schedule: every lr rises linearly from 0 over ``warmup_epochs``, then a cosine to 0 at ``epochs``.
+
+    A fresh AdamW's first steps move every weight by about its learning rate
+    whatever the gradient's size (its moment estimates start from nothing);
+    a warm-up keeps those steps small (Liu et al., "On the Variance of the
+    Adaptive Learning Rate and Beyond", ICLR 2020).
+    """
+    total, warm = steps_per_epoch * epochs, round(steps_per_epoch * warmup_epochs)
+
+    def factor(step):
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def run_phase(phase, model, optimizer, env, args, state, ckpt_dir):
-    """Epochs of one phase (cosine schedule, early stopping), persisted after each by save_epoch.
+def head_group(model, lr):
+    return {"params": model.head_parameters(), "lr": lr, "name": "head", "nominal_lr": lr}
+
+
+def extractor_groups(model, lr, scale):
+    """Param groups of the blocks: one at ``lr`` (scale 'fixed'), or one per weight tensor (scale 'rms').
+
+    'rms': a tensor's lr is lr x RMS(tensor) / RMS(Morlet bank). AdamW moves
+    each weight by about its lr per step, so this moves every tensor by the
+    same fraction of its size: a dense block's zero-initialised off-diagonal
+    entries (26 of every 27 at block 1 on RGB input) share the small step of
+    their tensor instead of each taking a full one.
+    """
+    params = [p for p in model.extractor_parameters()]
+    if scale == "fixed":
+        return [{"params": params, "lr": lr, "name": "extractor", "nominal_lr": lr}]
+    reference = morlet_rms(model.config)
+    return [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt()) / reference, "name": "extractor",
+             "nominal_lr": lr} for p in params]
+
+
+def morlet_rms(config):
+    """RMS of the entries of the K x K Morlet wavelets (real and imaginary parts) of a configuration."""
+    psi = wavelet_kernels.filter_bank(config.L, config.kernel_size)["psi"]
+    return float(np.sqrt(np.mean(np.concatenate([psi.real, psi.imag]) ** 2)))
+
+
+def carry_head_moments(optimizer, model, phase_a_dir):
+    """Give the head's parameters in ``optimizer`` the AdamW state Phase A ended with (its last.pth)."""
+    phase_a = adamw([head_group(model, 1.0)], 0.0)
+    phase_a.load_state_dict(load_checkpoint(os.path.join(phase_a_dir, "last.pth"))["optimizer"])
+    for p in model.head_parameters():
+        optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in phase_a.state[p].items()}
+
+
+def l2_sp(params, anchors, strength):
+    """The L2-SP penalty strength / 2 * sum ||W - W0||^2 as a callable (None when strength is 0)."""
+    if not strength:
+        return None
+    return lambda: 0.5 * strength * sum((p - a).pow(2).sum() for p, a in zip(params, anchors))
+
+
+def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmup_epochs=0.0, penalty=None):
+    """Epochs of one phase (warm-up then per-step cosine, early stopping), persisted after each by save_epoch.
 
     Continues from state.resume_point(phase) when there is one. Appends one
-    row per epoch to state.curves[phase]; the caller ends with finish_phase. Returns (best model state, best
-    val acc, best epoch).
+    row per epoch to state.curves[phase]; the caller ends with finish_phase.
+    A NaN or infinite loss ends the run (diverged). Returns (best model
+    state, best val acc, best epoch, that epoch's top-5 accuracy).
     """
-    runner = wrap_model(model, env["device"], env["world_size"], args.compile)
-    scheduler, stopper = cosine(optimizer, args.epochs), EarlyStopping(args.patience)
+    device, loaders, log = env["device"], env["data"], main_print if is_main_process() else None
+    runner = wrap_model(model, device, env["world_size"], args.compile)
+    scheduler = warmup_cosine(optimizer, len(loaders.train), epochs, warmup_epochs)
+    stopper = EarlyStopping(args.patience)
     best_state, start_epoch, resume = cpu_state(model), 1, state.resume_point(phase)
     if resume:
         model.load_state_dict(resume["state_dict"])
@@ -346,81 +451,147 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir):
         start_epoch = resume["epoch"] + 1
     elif is_main_process():
         os.makedirs(ckpt_dir, exist_ok=True)
-    device, loaders, log = env["device"], env["data"], main_print if is_main_process() else None
-    for epoch in range(start_epoch, args.epochs + 1):
+    for epoch in range(start_epoch, epochs + 1):
         if stopper.should_stop:
             break
         loaders.train.set_epoch(epoch)
-        lrs = [group["lr"] for group in optimizer.param_groups]
-        train = train_one_epoch(runner, loaders.train, optimizer, device, epoch, args.amp, args.channels_last,
-                                args.print_freq, log)
+        try:
+            train = train_one_epoch(runner, loaders.train, optimizer, device, epoch, args.amp, args.channels_last,
+                                    args.print_freq, log, penalty, scheduler)
+        except NonFiniteLoss as e:
+            diverged(state, phase, epoch, e.step)
         val = evaluate(runner, loaders.val, device, args.amp, args.channels_last)
-        scheduler.step()
         improved = stopper.step(val["acc"], epoch)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val["loss"],
-               "val_acc": val["acc"], "lr": lrs[-1], "seconds": train["seconds"] + val["seconds"],
-               "img_per_s": train["img_per_s"]}
-        if len(lrs) > 1:
-            row["lr_extractor"] = lrs[0]
+               "val_acc": val["acc"], "val_top5": val["top5"], **epoch_lrs(optimizer),
+               "seconds": train["seconds"] + val["seconds"], "img_per_s": train["img_per_s"]}
         state.curves[phase].append(row)
-        main_print(f"{phase} epoch {epoch}/{args.epochs}: train loss {train['loss']:.4f} acc {train['acc']:.2f}% | "
+        main_print(f"{phase} epoch {epoch}/{epochs}: train loss {train['loss']:.4f} acc {train['acc']:.2f}% | "
                    f"val loss {val['loss']:.4f} acc {val['acc']:.2f}% (best {stopper.best:.2f}% @ {stopper.best_epoch})"
-                   f" | lr {lrs[-1]:.2e} | {row['seconds']:.1f} s, {train['img_per_s']:.0f} img/s")
+                   f" | lr {row['lr']:.2e} | {row['seconds']:.1f} s, {train['img_per_s']:.0f} img/s")
         if improved:
             best_state = cpu_state(model)
         save_epoch(state, ckpt_dir, phase, epoch, model, stopper, improved, optimizer, scheduler)
     if stopper.should_stop:
         main_print(f"{phase}: early stop, no improvement for {args.patience} epochs")
-    return best_state, stopper.best, stopper.best_epoch
+    best_top5 = next(r["val_top5"] for r in state.curves[phase] if r["epoch"] == stopper.best_epoch)
+    return best_state, stopper.best, stopper.best_epoch, best_top5
 
 
-def phase_results(prefix, curves, best, best_epoch):
+def epoch_lrs(optimizer):
+    """The learning rates now: the head's (or quick_check.py's single one) as 'lr', the nominal extractor one."""
+    lrs = {}
+    for g in optimizer.param_groups:
+        factor = g["lr"] / g["initial_lr"] if g["initial_lr"] else 0.0  # the schedule's factor, the same for all
+        lrs["lr_extractor" if g["name"] == "extractor" else "lr"] = g["nominal_lr"] * factor
+    return lrs
+
+
+def diverged(state, phase, epoch, step):
+    """Record a NaN/inf loss in the JSON (the checkpoints keep the last good epoch) and stop the run."""
+    state.results["diverged"] = {"phase": phase, "epoch": epoch, "step": step}
+    state.save()
+    if is_main_process():
+        print(f"error: {phase} diverged: the training loss became NaN or infinite at epoch {epoch}, step {step}; "
+              f"the checkpoints keep the last good epoch. Try a lower --lr-head / --lr-extractor (or --l2-sp); "
+              f"recorded in {state.json_path}", file=sys.stderr, flush=True)
+    raise SystemExit(EXIT_DIVERGED)
+
+
+def phase_results(prefix, curves, best_epoch):
     return {f"{prefix}_epochs": len(curves), f"{prefix}_best_epoch": best_epoch,
             f"{prefix}_seconds": sum(r["seconds"] for r in curves)}
+
+
+def size_results(model, loaders, seed):
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plan = model.plan
+    return {"n_params_total": plan["n_params_total"], "n_params_extractor": plan["n_params_extractor"],
+            "n_params_classifier": plan["n_params_head"], "n_params_trainable": n_trainable,
+            "actual_train_samples": loaders.n_train, "test_samples": loaders.n_val, "seed": seed}
+
+
+def movement_results(model, initial_filters, world_size):
+    """How far the filters moved (filter_delta_*, filter_movement) and, under DDP, whether ranks agree."""
+    results = {**filter_deltas(initial_filters, model.wavelet_weights()), "filter_movement": model.filter_movement()}
+    if world_size > 1:  # DDP must have kept the unfrozen filters identical on every rank
+        results["replicas_in_sync"] = replicas_agree([p.detach() for p in model.extractor_parameters()])
+    return results
 
 
 def train_head(model, env, args, state):
     """Phase A: BN + classifier on frozen scattering features; records head_acc. Returns the best state."""
     model.blocks.requires_grad_(False)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    plan, loaders = model.plan, env["data"]
-    state.results.update(n_params_total=plan["n_params_total"], n_params_extractor=plan["n_params_extractor"],
-                         n_params_classifier=plan["n_params_head"], n_params_trainable=n_trainable,
-                         actual_train_samples=loaders.n_train, test_samples=loaders.n_val, seed=args.seed)
-    main_print(f"Phase A: training BN + classifier ({n_trainable:,} parameters), extractor frozen")
-    optimizer = adamw([{"params": model.head_parameters(), "lr": args.lr_head}], args.weight_decay)
-    best_state, head_acc, best_epoch = run_phase("phase_a", model, optimizer, env, args, state,
-                                                 os.path.join(args.save_dir, "phase_a"))
-    state.results.update(head_acc=head_acc, head_err=100.0 - head_acc, baseline_acc=head_acc,
-                         **phase_results("phase_a", state.curves["phase_a"], head_acc, best_epoch))
+    state.results.update(size_results(model, env["data"], args.seed))
+    main_print(f"Phase A: training BN + classifier ({state.results['n_params_trainable']:,} parameters), "
+               f"extractor frozen")
+    optimizer = adamw([head_group(model, args.lr_head)], args.weight_decay)
+    best_state, head_acc, best_epoch, top5 = run_phase("phase_a", model, optimizer, env, args, state,
+                                                       os.path.join(args.save_dir, "phase_a"), args.head_epochs)
+    state.results.update(head_acc=head_acc, head_err=100.0 - head_acc, baseline_acc=head_acc, head_top5=top5,
+                         **phase_results("phase_a", state.curves["phase_a"], best_epoch))
     finish_phase(state, os.path.join(args.save_dir, "phase_a"))
     main_print(f"Phase A done: head_acc {head_acc:.2f}% (epoch {best_epoch})")
     return best_state
 
 
-def fine_tune(model, initial_filters, env, args, state):
-    """Phase B: everything trains, two learning rates; records finetune_acc, the gain, how far the filters moved."""
-    model.blocks.requires_grad_(True)
-    optimizer = adamw([{"params": list(model.extractor_parameters()), "lr": args.lr_extractor},
-                       {"params": model.head_parameters(), "lr": args.lr_head}], args.weight_decay)
-    main_print(f"Phase B: fine-tuning everything (extractor lr {args.lr_extractor:g}, head lr {args.lr_head:g})")
-    best_state, finetune_acc, best_epoch = run_phase("phase_b", model, optimizer, env, args, state,
-                                                     os.path.join(args.save_dir, "phase_b"))
+def fine_tune(model, initial, env, args, state):
+    """Phase B: everything trains, two learning rates (or, --freeze-extractor, the head alone on).
+
+    Records finetune_acc, the gain and how far the filters moved. initial:
+    (the filters' and the blocks' parameters' values at the start).
+    """
+    initial_filters, initial_extractor = initial
+    model.blocks.requires_grad_(not args.freeze_extractor)
+    groups = [] if args.freeze_extractor else extractor_groups(model, args.lr_extractor, args.extractor_lr_scale)
+    lr_head = args.lr_head * HEAD_FINETUNE_FACTOR if args.lr_head_finetune is None else args.lr_head_finetune
+    optimizer = adamw(groups + [head_group(model, lr_head)], args.weight_decay)
+    if args.carry_head_state:
+        carry_head_moments(optimizer, model, os.path.join(args.save_dir, "phase_a"))
+    penalty = None if args.freeze_extractor else l2_sp(list(model.extractor_parameters()), initial_extractor, args.l2_sp)
+    main_print("Phase B: " + ("the head alone, extractor still frozen (--freeze-extractor)" if args.freeze_extractor
+                              else f"fine-tuning everything (extractor lr {args.lr_extractor:g}, "
+                                   f"{args.extractor_lr_scale}; head lr {lr_head:g})"))
+    best_state, finetune_acc, best_epoch, top5 = run_phase(
+        "phase_b", model, optimizer, env, args, state, os.path.join(args.save_dir, "phase_b"), args.epochs,
+        args.warmup_epochs, penalty)
     model.load_state_dict(best_state)
     state.results.update(finetune_acc=finetune_acc, finetune_gain=finetune_acc - state.results["head_acc"],
-                         **phase_results("phase_b", state.curves["phase_b"], finetune_acc, best_epoch),
-                         **filter_deltas(initial_filters, model.wavelet_weights()),
-                         filter_movement=model.filter_movement())
-    if env["world_size"] > 1:  # DDP must have kept the unfrozen filters identical on every rank
-        state.results["replicas_in_sync"] = replicas_agree([p.detach() for p in model.extractor_parameters()])
+                         finetune_top5=top5, extractor_frozen=args.freeze_extractor,
+                         **phase_results("phase_b", state.curves["phase_b"], best_epoch),
+                         **movement_results(model, initial_filters, env["world_size"]))
     finish_phase(state, os.path.join(args.save_dir, "phase_b"))
+
+
+def train_jointly(model, initial, env, args, state):
+    """--joint: one phase trains everything from the start for --head-epochs + --epochs; records joint_acc."""
+    initial_filters, initial_extractor = initial
+    model.blocks.requires_grad_(True)
+    state.results.update(size_results(model, env["data"], args.seed))
+    epochs = args.head_epochs + args.epochs
+    optimizer = adamw(extractor_groups(model, args.lr_extractor, args.extractor_lr_scale) +
+                      [head_group(model, args.lr_head)], args.weight_decay)
+    main_print(f"joint: training everything from the start ({args.init} init) for {epochs} epochs")
+    best_state, joint_acc, best_epoch, top5 = run_phase(
+        JOINT, model, optimizer, env, args, state, os.path.join(args.save_dir, JOINT), epochs, args.warmup_epochs,
+        l2_sp(list(model.extractor_parameters()), initial_extractor, args.l2_sp))
+    model.load_state_dict(best_state)
+    state.results.update(joint_acc=joint_acc, joint_err=100.0 - joint_acc, joint_top5=top5,
+                         **phase_results(JOINT, state.curves[JOINT], best_epoch),
+                         **movement_results(model, initial_filters, env["world_size"]))
+    finish_phase(state, os.path.join(args.save_dir, JOINT))
 
 
 # ----------------------------------------------------------------------------- the pipeline
 
 def main(args):
-    if args.lr_head <= 0 or args.lr_extractor < 0:
+    if not (0 < args.lr_head < math.inf and 0 <= args.lr_extractor < math.inf):  # NaN fails both
         die(f"--lr-head must be > 0 and --lr-extractor >= 0, got {args.lr_head:g} and {args.lr_extractor:g}")
+    if args.lr_head_finetune is not None and not 0 < args.lr_head_finetune < math.inf:
+        die(f"--lr-head-finetune must be a finite number > 0, got {args.lr_head_finetune:g}")
+    args.head_epochs = args.head_epochs or args.epochs
+    if args.joint and args.freeze_extractor:
+        die("--joint and --freeze-extractor exclude each other: a joint run trains the blocks from the start")
     last = find_last_checkpoint(args.save_dir, args.resume)
     if last and args.seed is None:
         args.seed = last["config"]["seed"]  # before setup: the seed draws the data subset and its order
@@ -429,13 +600,17 @@ def main(args):
     config = ModelConfig.from_args(args, env["data"].info)
     model = build_model(config, args.seed, env["device"], args.channels_last)
     describe_run(env, model, "train.py")
-    initial_filters = model.wavelet_weights()
+    initial = (model.wavelet_weights(), [p.detach().clone() for p in model.extractor_parameters()])
+    if args.joint:
+        train_jointly(model, initial, env, args, state)
+        main_print(f"done: joint_acc {state.results['joint_acc']:.2f}%; results in {state.json_path}")
+        return state.results
     if state.start_phase == "phase_a":
         best_state = train_head(model, env, args, state)
     else:
         best_state = load_checkpoint(os.path.join(args.save_dir, "phase_a", "best.pth"))["state_dict"]
     model.load_state_dict(best_state)
-    fine_tune(model, initial_filters, env, args, state)
+    fine_tune(model, initial, env, args, state)
     results = state.results
     main_print(f"done: head_acc {results['head_acc']:.2f}% -> finetune_acc {results['finetune_acc']:.2f}% "
                f"(gain {results['finetune_gain']:+.2f}), filter delta {results['filter_delta_relative']:.4f} "

@@ -133,6 +133,16 @@ def all_reduce_sum(tensor):
     return tensor
 
 
+def all_reduce_min_positive(tensor):
+    """The smallest positive value of an integer tensor over ranks, 0 when no rank has one (single process: itself)."""
+    if is_distributed():
+        never = torch.iinfo(tensor.dtype).max
+        tensor = torch.where(tensor > 0, tensor, never)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        tensor = torch.where(tensor == never, 0, tensor)
+    return tensor
+
+
 def broadcast_object(obj):
     """Rank 0's value of a picklable object, on every rank."""
     if not is_distributed():

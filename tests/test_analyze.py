@@ -126,3 +126,27 @@ def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     code, _, err = run_analyze(capsys, *args)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert err.startswith(message)
+
+
+def test_each_arm_is_its_own_row_and_line(real_run, tmp_path, capsys):
+    _, real = real_run
+    write_variant(tmp_path, "two_phase", real, 500, 80.0, 84.0, 0.2)
+    frozen = write_variant(tmp_path, "frozen", real, 500, 80.0, 81.0, 0.0)
+    frozen["config"]["freeze_extractor"] = True
+    (tmp_path / "frozen" / "results_20260101-000000.json").write_text(json.dumps(frozen))
+    joint = copy.deepcopy(real)
+    joint["config"].update(joint=True, init="random")
+    for key in ("head_acc", "head_err", "finetune_acc", "finetune_gain"):
+        joint["results"].pop(key)
+    joint["results"]["joint_acc"] = 70.0
+    os.makedirs(tmp_path / "joint")
+    (tmp_path / "joint" / "results_20260101-000000.json").write_text(json.dumps(joint))
+    code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path))
+    assert code == 0 and err == "", err
+    table = pd.read_csv(tmp_path / "plots" / "summary.csv", index_col="exp")
+    by_arm = table.set_index("arm")
+    assert sorted(table.arm) == ["frozen-continuation", "joint", "two-phase"]
+    assert by_arm.loc["joint", "joint_acc"] == 70.0 and pd.isna(by_arm.loc["joint", "head_acc"])
+    assert by_arm.loc["joint", "init"] == "random" and by_arm.loc["two-phase", "init"] == "wavelet"
+    assert by_arm.loc["frozen-continuation", "finetune_acc"] == 81.0
+    assert "Pearson r (filter_delta_relative vs finetune_gain): undefined" in out  # one two-phase run

@@ -208,3 +208,84 @@ def test_no_augment_trains_on_the_images_as_they_are(fast_path):
 def test_no_augment_is_for_in_memory_sets():
     with pytest.raises(data.DatasetError, match=r"--no-augment is for the in-memory datasets .*, not imagenet"):
         data.build_loaders("imagenet", "unused", None, 50, "cpu", augment=False)
+
+
+def make_folder(root, classes=("cat", "dog", "frog"), per_class=(4, 2), size=12, mode="RGB", seed=0):
+    """An ImageFolder tree root/{train,val}/<class>/<i>.png of random images; returns {split: uint8 array}."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    pixels = {}
+    for split, n in zip(("train", "val"), per_class):
+        arrays = []
+        for c in classes:
+            os.makedirs(root / split / c, exist_ok=True)
+            for i in range(n):
+                shape = (size, size, 3) if mode == "RGB" else (size, size)
+                arrays.append(rng.integers(0, 256, shape, dtype=np.uint8))
+                Image.fromarray(arrays[-1], mode).save(root / split / c / f"{i}.png")
+        pixels[split] = np.stack(arrays)
+    return pixels
+
+
+def test_folder_dataset_in_memory_with_its_own_statistics(tmp_path):
+    pixels = make_folder(tmp_path)
+    (x, y), (xv, yv), info = data.load_dataset("folder", str(tmp_path))
+    assert x.shape == (12, 3, 12, 12) and x.dtype == torch.uint8 and xv.shape == (6, 3, 12, 12)
+    assert torch.equal(x, torch.from_numpy(pixels["train"]).permute(0, 3, 1, 2))  # files in sorted order
+    assert y.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and yv.tolist() == [0, 0, 1, 1, 2, 2]
+    expected_mean = pixels["train"].reshape(-1, 3).mean(0) / 255
+    assert info.mean == pytest.approx(tuple(expected_mean), abs=1e-4) and info.nb_classes == 3
+    assert info.spatial == 12 and info.crop_padding == 1 and info.flip  # CIFAR's 4 px at 32, scaled
+    loaders = data.build_loaders("folder", str(tmp_path), None, 4, "cpu")
+    assert isinstance(loaders.train, data.TensorLoader) and loaders.n_train == 12 and loaders.n_val == 6
+
+
+def test_folder_image_size_and_grayscale(tmp_path):
+    make_folder(tmp_path, size=20, mode="L")
+    info = data.dataset_info("folder", str(tmp_path), image_size=8)
+    assert (info.in_channels, info.spatial, info.nb_classes) == (1, 8, 3)
+    (x, _), _, _ = data.load_dataset("folder", str(tmp_path), image_size=8)
+    assert x.shape == (12, 1, 8, 8)
+
+
+def test_folder_too_big_for_memory_reads_from_disk(tmp_path, monkeypatch):
+    make_folder(tmp_path)
+    monkeypatch.setattr(data, "FOLDER_MEMORY_SHARE", 0.0)
+    loaders = data.build_loaders("folder", str(tmp_path), None, 4, "cpu", workers=0)
+    assert isinstance(loaders.train, data.EpochDataLoader)
+    x, y = next(iter(loaders.train))
+    assert x.shape == (4, 3, 12, 12) and x.dtype == torch.float32
+    with pytest.raises(data.DatasetError, match="too large to hold in memory"):
+        data.build_loaders("folder", str(tmp_path), None, 4, "cpu", fast_path=True)
+
+
+def test_folder_splits_must_have_the_same_classes(tmp_path):
+    make_folder(tmp_path)
+    os.rename(tmp_path / "val" / "dog", tmp_path / "val" / "horse")
+    with pytest.raises(data.DatasetError) as e:
+        data.dataset_info("folder", str(tmp_path))
+    assert str(e.value) == ("folder: train/ and val/ must have the same classes (labels would shift): only in train/: "
+                            "['dog']; only in val/: ['horse']")
+
+
+def test_folder_empty_class_and_corrupt_image_are_named(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "train" / "cat" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(data.DatasetError, match=r"cannot read image .*train/cat/1.png \(UnidentifiedImageError"):
+        data.load_dataset("folder", str(tmp_path))
+    os.makedirs(tmp_path / "val" / "zebra")
+    os.makedirs(tmp_path / "train" / "zebra")
+    with pytest.raises(data.DatasetError, match=r"class folder .*train/zebra has no images"):
+        data.load_dataset("folder", str(tmp_path))
+
+
+def test_missing_cifar100_names_its_folder(tmp_path, offline):
+    with pytest.raises(data.DatasetError) as e:
+        data.load_dataset("cifar100", str(tmp_path))
+    assert str(e.value).startswith(f"cifar100: train, test not found in {os.path.join(tmp_path, 'cifar-100-python')}")
+    assert data.INFO["cifar100"].nb_classes == 100
+
+
+def test_image_size_is_for_folders_only():
+    with pytest.raises(data.DatasetError, match=r"--image-size is for --dataset folder, not cifar10 \(32x32\)"):
+        data.dataset_info("cifar10", "unused", image_size=16)

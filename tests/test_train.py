@@ -133,23 +133,28 @@ def test_json_filter_movement_is_what_analyze_prints(finished_run, capsys):
 def test_same_seed_same_curves(finished_run, tmp_path):
     save_dir, _ = finished_run
     train_in_process(*SMALL, "--save-dir", str(tmp_path))
-    first, second = results_json(save_dir), results_json(str(tmp_path))
-    timing = {"seconds", "img_per_s"}
-    for phase in ("phase_a", "phase_b"):
-        strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
-        assert strip(first["curves"][phase]) == strip(second["curves"][phase])
+    assert without_timing(results_json(save_dir)["curves"]) == without_timing(results_json(str(tmp_path))["curves"])
+
+
+def kill_when(args, marker):
+    """Start train.py with args and SIGKILL it as soon as ``marker`` (a checkpoint) exists."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    while not marker.exists() and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def without_timing(curves):
+    return {phase: [{k: v for k, v in r.items() if k not in ("seconds", "img_per_s")} for r in rows]
+            for phase, rows in curves.items()}
 
 
 def test_resume_after_a_kill_mid_phase_b(finished_run, tmp_path):
     save_dir, _ = finished_run
     args = [*SMALL, "--save-dir", str(tmp_path)]
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    marker = tmp_path / "phase_b" / "last.pth"
-    while not marker.exists() and proc.poll() is None:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when(args, tmp_path / "phase_b" / "last.pth")
     interrupted = results_json(str(tmp_path))
     assert len(interrupted["curves"]["phase_a"]) == 3 and len(interrupted["curves"]["phase_b"]) < 3
     resumed = run_train(*args, "--resume")
@@ -160,17 +165,34 @@ def test_resume_after_a_kill_mid_phase_b(finished_run, tmp_path):
         assert after["results"][key] == pytest.approx(uninterrupted["results"][key], rel=1e-6), key
 
 
-def test_two_process_ddp_on_cpu(tmp_path):
-    proc = run_train(*SMALL, "--save-dir", str(tmp_path), torchrun=2)
+def test_resume_of_a_joint_run_started_without_a_seed_ends_where_it_would_have(tmp_path):
+    i = SMALL.index("--seed")
+    args = SMALL[:i] + SMALL[i + 2:] + ["--joint", "--l2-sp", "0.1", "--head-epochs", "1"]
+    kill_when([*args, "--save-dir", str(tmp_path / "killed")], tmp_path / "killed" / "joint" / "last.pth")
+    resumed = run_train(*args, "--save-dir", str(tmp_path / "killed"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    after = results_json(str(tmp_path / "killed"))
+    seed = after["results"]["seed"]
+    assert f"seed {seed}" in resumed.stdout and after["config"]["seed"] == seed
+    train_in_process(*args, "--seed", str(seed), "--save-dir", str(tmp_path / "whole"))
+    whole = results_json(str(tmp_path / "whole"))
+    assert without_timing(after["curves"]) == without_timing(whole["curves"])
+    assert after["results"]["joint_acc"] == whole["results"]["joint_acc"]
+
+
+@pytest.mark.parametrize("flags,best", [([], "phase_b"), (["--joint", "--l2-sp", "0.1"], "joint")])
+def test_two_process_ddp_on_cpu(tmp_path, flags, best):
+    proc = run_train(*SMALL, *flags, "--save-dir", str(tmp_path), torchrun=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("Phase A done") == 1  # only rank 0 prints
+    assert sum(line.startswith("done: ") for line in proc.stdout.splitlines()) == 1  # only rank 0 prints
     saved = results_json(str(tmp_path))
     assert saved["results"]["replicas_in_sync"] is True
     model = small_model()
-    model.load_state_dict(torch.load(tmp_path / "phase_b" / "best.pth")["state_dict"])
+    model.load_state_dict(torch.load(tmp_path / best / "best.pth")["state_dict"])
     (_, _), (x, y), info = data.load_dataset("synthetic", ".", seed=0)
     accuracy = evaluate(model, data.TensorLoader(x, y, info, 250, "cpu", train=False), "cpu")["acc"]
-    assert saved["results"]["finetune_acc"] == pytest.approx(accuracy, abs=1e-9)
+    key = "joint_acc" if best == "joint" else "finetune_acc"
+    assert saved["results"][key] == pytest.approx(accuracy, abs=1e-9)
 
 
 def fingerprint(folder):
@@ -260,3 +282,123 @@ def test_six_blocks_on_imagenet_images_train_with_the_fitting_flags(tmp_path, ca
     assert "block 5: 729 -> 729 channels, 7x7 -> 3x3" in out and "DataLoader" in out
     saved = results_json(str(tmp_path / "run"))
     assert saved["results"]["actual_train_samples"] == 4 and saved["results"]["test_samples"] == 4
+
+
+# ----------------------------------------------------------------------------- research controls
+
+def test_random_init_is_default_pytorch_init_of_every_block_weight():
+    wavelet = ScatteringNet(ModelConfig(n_blocks=1, L=4, modulus_type="phase_relu"))
+    torch.manual_seed(0)
+    random = ScatteringNet(ModelConfig(n_blocks=1, L=4, modulus_type="phase_relu", init="random"))
+    for (name, w), r in zip(wavelet.blocks.named_parameters(), random.blocks.parameters()):
+        assert w.shape == r.shape and not torch.equal(w, r), name
+        bound = 1 / (r[0].numel()) ** 0.5  # Kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        assert r.abs().max() <= bound and r.abs().max() > 0.9 * bound, name
+    assert train.get_args_parser().parse_args(["--random-init"]).init == "random"
+
+
+def test_joint_random_init_records_joint_keys(tmp_path):
+    results = train_in_process(*SMALL, "--random-init", "--joint", "--head-epochs", "1", "--epochs", "2",
+                               "--save-dir", str(tmp_path))
+    saved = results_json(str(tmp_path))
+    assert set(saved["curves"]) == {"joint"} and len(saved["curves"]["joint"]) == 3  # head-epochs + epochs
+    assert {"joint_acc", "joint_err", "joint_top5", "filter_delta_relative"} <= set(results)
+    assert not {"head_acc", "finetune_acc"} & set(results)
+    assert results["joint_acc"] == max(r["val_acc"] for r in saved["curves"]["joint"]) > 10
+    assert results["joint_err"] == pytest.approx(100 - results["joint_acc"])
+    assert saved["config"]["init"] == "random" and saved["config"]["joint"] is True
+    assert torch.load(tmp_path / "joint" / "best.pth")["model_config"]["init"] == "random"
+
+
+def test_head_epochs_and_upstream_spellings():
+    args = train.get_args_parser().parse_args(["--lr-epochs", "4", "--l2-penalty", "0.5"])
+    assert args.head_epochs == 4 and args.l2_sp == 0.5
+
+
+def test_frozen_continuation_keeps_the_filters_and_says_so(tmp_path):
+    results = train_in_process(*SMALL, "--freeze-extractor", "--head-epochs", "2", "--save-dir", str(tmp_path))
+    saved = results_json(str(tmp_path))
+    assert len(saved["curves"]["phase_a"]) == 2 and len(saved["curves"]["phase_b"]) == 3
+    assert results["extractor_frozen"] is True and results["filter_delta_l2"] == 0.0
+    best = torch.load(tmp_path / "phase_b" / "best.pth")["state_dict"]
+    init = small_model().state_dict()
+    assert all(torch.equal(best[k], init[k]) for k in init if k.startswith("blocks."))
+    assert not torch.equal(best["classifier.weight"], init["classifier.weight"])
+
+
+def test_l2_sp_holds_the_filters_near_their_start(finished_run, tmp_path):
+    save_dir, _ = finished_run
+    free = results_json(save_dir)["results"]["filter_delta_relative"]
+    held = train_in_process(*SMALL, "--l2-sp", "100", "--save-dir", str(tmp_path))["filter_delta_relative"]
+    assert 0 < held < 0.5 * free
+    assert results_json(str(tmp_path))["config"]["l2_sp"] == 100
+
+
+def test_l2_sp_penalty_value():
+    w = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
+    penalty = train.l2_sp([w], [torch.tensor([0.0, 0.0])], 0.5)
+    assert float(penalty().detach()) == pytest.approx(0.5 * 0.5 * 5.0)
+    assert train.l2_sp([w], [w.detach()], 0.0) is None
+
+
+def test_warmup_then_cosine_per_step():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = train.warmup_cosine(optimizer, steps_per_epoch=10, epochs=3, warmup_epochs=1)
+    lrs = []
+    for _ in range(30):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)  # rising from ~0
+    assert lrs[10] == pytest.approx(1.0) and lrs[20] == pytest.approx(0.5) and lrs[29] < 0.01  # then a cosine
+
+
+def test_rms_scaled_extractor_learning_rates():
+    model = ScatteringNet(ModelConfig(L=4, modulus_type="phase_relu"))
+    groups = train.extractor_groups(model, 1e-4, "rms")
+    params = list(model.extractor_parameters())
+    assert len(groups) == len(params)
+    reference = train.morlet_rms(model.config)
+    for g, p in zip(groups, params):
+        assert g["lr"] == pytest.approx(1e-4 * float(p.pow(2).mean().sqrt()) / reference)
+    dense_psi = model.blocks[1].psi_real.weight  # 15 -> 60 outputs, each sees 15 inputs, 1 of them non-zero
+    block0_psi = model.blocks[0].psi_real.weight
+    ratio = next(g["lr"] for g in groups if g["params"][0] is dense_psi) / next(
+        g["lr"] for g in groups if g["params"][0] is block0_psi)
+    assert ratio == pytest.approx((3 / 15) ** 0.5, rel=1e-6)  # 1 in 15 vs 1 in 3 entries non-zero
+    assert train.extractor_groups(model, 1e-4, "fixed")[0]["lr"] == 1e-4
+
+
+def test_phase_b_continues_the_heads_adamw_moments(finished_run):
+    save_dir, _ = finished_run
+    model = small_model()
+    optimizer = train.adamw(train.extractor_groups(model, 1e-4, "rms") + [train.head_group(model, 1e-4)], 0.0)
+    train.carry_head_moments(optimizer, model, os.path.join(save_dir, "phase_a"))
+    saved = torch.load(os.path.join(save_dir, "phase_a", "last.pth"))["optimizer"]["state"]
+    for i, p in enumerate(model.head_parameters()):
+        assert torch.equal(optimizer.state[p]["exp_avg_sq"], saved[i]["exp_avg_sq"])
+        assert float(optimizer.state[p]["step"]) == 3 * 12  # 3 epochs of 600 images in batches of 50
+    assert not any(optimizer.state[p] for p in model.extractor_parameters())
+
+
+def test_joint_and_freeze_extractor_exclude_each_other(tmp_path, capsys):
+    assert exit_2_message(capsys, *SMALL, "--joint", "--freeze-extractor", "--save-dir", str(tmp_path)) == [
+        "error: --joint and --freeze-extractor exclude each other: a joint run trains the blocks from the start"]
+
+
+def test_top5_is_recorded_beside_top1(finished_run):
+    save_dir, _ = finished_run
+    saved = results_json(save_dir)
+    assert all(r["val_top5"] >= r["val_acc"] for phase in saved["curves"].values() for r in phase)
+    best = max(saved["curves"]["phase_b"], key=lambda r: r["val_acc"])
+    assert saved["results"]["finetune_top5"] == best["val_top5"]
+
+
+def test_folder_dataset_trains(tmp_path):
+    from test_data import make_folder
+    make_folder(tmp_path / "images", size=16)
+    results = train_in_process("--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--n-blocks", "1",
+                               "--L", "2", "--epochs", "1", "--global-batch-size", "4", "--seed", "0",
+                               "--print-freq", "0", "--device", "cpu", "--save-dir", str(tmp_path / "run"))
+    assert results["actual_train_samples"] == 12 and results["test_samples"] == 6
+    assert torch.load(tmp_path / "run" / "phase_b" / "best.pth")["model_config"]["in_spatial"] == 16
