@@ -23,7 +23,7 @@ import torch
 import data
 import wavelet_kernels
 from scattering_net import ModelConfig, ScatteringNet
-from utils import die, load_checkpoint
+from utils import CheckpointError, die, load_checkpoint
 
 # The arms of the experiment: head then fine-tuning, head then more head training with the blocks
 # frozen (train.py --freeze-extractor), and one joint phase (train.py --joint, random init's protocol).
@@ -51,6 +51,9 @@ def get_args_parser():
     parser.add_argument("--filters", metavar="CHECKPOINT", default=None,
                         help="instead of the table: draw block 0's learnt wavelets of this checkpoint against "
                              "their Morlet init, and print how far each orientation moved")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="--filters: load a checkpoint that holds more than tensors and plain values (its "
+                             "pickle can run code): only for files from a source you trust")
     return parser
 
 
@@ -63,9 +66,12 @@ def load_experiments(results_dir):
         try:
             with open(path) as f:
                 exp = json.load(f)
-            required = {"config": REQUIRED_CONFIG, "results": REQUIRED_RESULTS[arm_of(exp["config"])]}
+            required = {"config": REQUIRED_CONFIG, "results": REQUIRED_RESULTS[arm_of(exp.get("config") or {})]}
             missing = [f"{part}.{key}" for part, keys in required.items() for key in keys
                        if key not in (exp.get(part) or {})]
+            results = exp.get("results") or {}
+            missing += [f"results.{key} as a number" for key in required["results"]
+                        if key in results and not is_number(results[key])]
         except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
             missing = [f"unreadable ({type(e).__name__})"]
         if missing:
@@ -73,6 +79,10 @@ def load_experiments(results_dir):
             continue
         experiments.append((path, exp))
     return experiments
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def arm_of(config):
@@ -165,7 +175,7 @@ def plot_curves(plt, exp, number, path):
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     offset = 0
     for phase, style in (("phase_a", "o-"), ("phase_b", "s-"), ("joint", "d-")):
-        rows = exp["curves"].get(phase, [])
+        rows = (exp.get("curves") or {}).get(phase) or []
         epochs = [offset + r["epoch"] for r in rows]
         acc_ax.plot(epochs, [r["val_acc"] for r in rows], style, markersize=3, label=f"{phase} val")
         loss_ax.plot(epochs, [r["train_loss"] for r in rows], style, markersize=3, label=f"{phase} train")
@@ -192,20 +202,24 @@ def save(plt, fig, path):
 
 # ----------------------------------------------------------------------------- learnt filters
 
-def model_from_checkpoint(path):
+def model_from_checkpoint(path, trusted=False):
     """The ScatteringNet of a train.py / quick_check.py checkpoint, rebuilt from the config it carries.
 
     Checkpoints carry ``model_config``; older ones only their flags under
     ``config``, with the input shape taken from the dataset's facts.
     """
     try:
-        ckpt = load_checkpoint(path)
+        ckpt = load_checkpoint(path, trusted=trusted)
+    except CheckpointError as e:
+        die(f"--filters: {e}")
+    try:
         saved = ckpt.get("model_config") or ckpt["config"]
         config = ModelConfig.from_dict(saved, None if "model_config" in ckpt else data.INFO[saved["dataset"]])
-    except (OSError, RuntimeError, KeyError, TypeError) as e:
-        die(f"--filters: cannot read a checkpoint from {path} ({type(e).__name__}: {e})")
-    model = ScatteringNet(config)
-    model.load_state_dict(ckpt["state_dict"])
+        model = ScatteringNet(config)
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        die(f"--filters: {path} holds no ScatteringNet these scripts can rebuild ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else ''})")
     return model
 
 
@@ -235,8 +249,8 @@ def plot_filters(plt, block, path, channel=0):
     save(plt, fig, path)
 
 
-def report_filters(plt, checkpoint, plots_dir):
-    model = model_from_checkpoint(checkpoint)
+def report_filters(plt, checkpoint, plots_dir, trusted=False):
+    model = model_from_checkpoint(checkpoint, trusted)
     block = model.blocks[0]
     if block.lowpass_only:
         die(f"--filters: block 0 of {checkpoint} is low-pass only: it has no wavelets to draw")
@@ -261,16 +275,29 @@ def pyplot(interactive):
     return plt
 
 
+def writable_plots_dir(results_dir):
+    """<results-dir>/plots, created; one line and exit 2 when it cannot be written."""
+    plots_dir = os.path.join(results_dir, "plots")
+    if os.path.exists(plots_dir) and not os.path.isdir(plots_dir):
+        die(f"{plots_dir} is a file: the plots go into a folder of that name (move the file away)")
+    try:
+        os.makedirs(plots_dir, exist_ok=True)
+    except OSError as e:
+        die(f"cannot create {plots_dir} ({e.strerror or e})")
+    if not os.access(plots_dir, os.W_OK | os.X_OK):
+        die(f"{plots_dir} is not writable")
+    return plots_dir
+
+
 def main(args):
     if not os.path.isdir(args.results_dir):
         die(f"--results-dir {args.results_dir} is not a folder")
-    plots_dir = os.path.join(args.results_dir, "plots")
     plt = pyplot(args.interactive)
     if args.filters:
-        os.makedirs(plots_dir, exist_ok=True)
-        report_filters(plt, args.filters, plots_dir)
+        plots_dir = writable_plots_dir(args.results_dir)
+        report_filters(plt, args.filters, plots_dir, args.trust_checkpoint)
     else:
-        analyze_results(plt, args, plots_dir)
+        analyze_results(plt, args)
     if args.interactive:
         plt.show()
 
@@ -284,12 +311,12 @@ def format_table(table):
         formatters={k: (lambda v, f=f: "-" if pd.isna(v) else f.format(v)) for k, f in formats.items()})
 
 
-def analyze_results(plt, args, plots_dir):
+def analyze_results(plt, args):
     experiments = load_experiments(args.results_dir)
     if not experiments:
         die(f"no usable results_*.json under {args.results_dir} (run train.py --save-dir {args.results_dir}/... first)")
     table = summary_table(experiments)
-    os.makedirs(plots_dir, exist_ok=True)
+    plots_dir = writable_plots_dir(args.results_dir)
     print(format_table(table))
     saved = [os.path.join(plots_dir, name) for name in ("summary.csv", "plot_size_vs_accuracy.png",
                                                         "plot_size_vs_gain.png", "plot_delta_vs_gain.png")]

@@ -13,7 +13,6 @@ ScatteringNet.features, kymatio's Scattering2D(J, shape, L=8), and a cascade of
 J pytorch_wavelets ScatLayer (DTCWT, 6 orientations). Results also go to --json.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,7 +25,7 @@ import torch.nn as nn
 import quick_check
 import train
 from scattering_net import ModelConfig, ScatteringNet, count_parameters
-from utils import die, keep_freed_memory
+from utils import die, keep_freed_memory, write_json
 
 # (channels, spatial size, J): the shapes of CIFAR-10, Fashion-MNIST and ImageNet.
 CASES = {"cifar": (3, 32, 2), "fmnist": (1, 28, 2), "imagenet2": (3, 224, 2), "imagenet4": (3, 224, 4)}
@@ -266,7 +265,7 @@ def accuracy_rows(args, device):
     rows = []
     run_args = quick_check_args("--epochs", str(args.epochs), "--print-freq", "0", "--device", str(device),
                                 "--mixing-horizon", "1", "--lr", "5e-3")
-    env = train.setup(run_args, run_args.batch_size)
+    env = train.setup(run_args, run_args.batch_size, lock_save_dir=False)  # it saves to temporary folders
     info = env["data"].info
     ours = train.build_model(ModelConfig.from_args(run_args, info), run_args.seed, env["device"])
     torch.manual_seed(run_args.seed)
@@ -303,7 +302,19 @@ def machine():
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def check_writable(path):
+    """Stop before measuring anything when the results file could not be written afterwards."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        die(f"--json {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        die(f"--json {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        die(f"--json {path}: the folder {folder} is not writable")
+
+
 def main(args):
+    check_writable(args.json)
     args.cases = parse_list("--cases", args.cases, CASES)
     args.systems = parse_list("--systems", args.systems, ("ours", "kymatio", "pytorch_wavelets"))
     args.batch_sizes = parse_list("--batch-sizes", args.batch_sizes, cast=int)
@@ -320,8 +331,7 @@ def main(args):
     rows = run(args, device)
     if kind == "speed":
         print(markdown_table(rows))
-    with open(args.json, "w") as f:
-        json.dump({"kind": kind, "machine": machine(), "rows": rows}, f, indent=1)
+    write_json(args.json, {"kind": kind, "machine": machine(), "rows": rows})
     print(f"rows written to {args.json}")
 
 

@@ -15,6 +15,8 @@ Two pipelines draw from the same augmentation distribution (SPEC.md, "Data augme
 import gzip
 import math
 import os
+import shutil
+import zlib
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -49,6 +51,13 @@ def stream_seed(*keys):
 
 class DatasetError(Exception):
     """A dataset cannot be found or built; the message says what was looked for and where."""
+
+
+def error_line(error):
+    """The one line of a DatasetError, also when a DataLoader worker re-raised it with its traceback appended."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    last = lines[-1] if lines else type(error).__name__
+    return last.split("DatasetError: ", 1)[-1]
 
 
 @dataclass(frozen=True)
@@ -104,12 +113,25 @@ def synthetic_textures(n, seed, spatial=32, nb_classes=10):
     return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
+# An idx file starts with two zero bytes, the element type (0x08: unsigned byte) and the number of dimensions.
+IDX_UBYTE = 0x08
+
+
 def _read_idx(path):
+    """The uint8 array of an idx file (plain or .gz); DatasetError naming the file when it is damaged."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise DatasetError(f"cannot read {path} ({type(e).__name__}: {e}); delete it to download it again") from None
+    ndim = raw[3] if len(raw) >= 4 else 0
+    if len(raw) < 4 + 4 * ndim or raw[:3] != bytes([0, 0, IDX_UBYTE]) or not ndim:
+        raise DatasetError(f"{path} is not an idx file of bytes (bad header); delete it to download it again")
     shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    if len(raw) - 4 - 4 * ndim != math.prod(shape):
+        raise DatasetError(f"{path} is truncated or padded: its header promises {math.prod(shape):,} bytes of "
+                           f"{shape}, it holds {len(raw) - 4 - 4 * ndim:,}; delete it to download it again")
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -151,14 +173,28 @@ def _mnist_like(name, data_dir):
 
 
 def _download(torchvision_name, data_dir):
-    """Try torchvision's downloader; return the error text, or None on success."""
+    """Try torchvision's downloader; return the error in one line, or None on success.
+
+    A failed download removes the folders it created and left without a file.
+    """
     import torchvision
+    created = [p for p in _download_folders(torchvision_name, data_dir) if not os.path.exists(p)]
     try:
         getattr(torchvision.datasets, torchvision_name)(data_dir, train=True, download=True)
         getattr(torchvision.datasets, torchvision_name)(data_dir, train=False, download=True)
     except Exception as e:  # offline, blocked, or disk errors all mean "not available"
-        return f"{type(e).__name__}: {e}"
+        for folder in created:  # deepest first
+            if os.path.isdir(folder) and not any(files for _, _, files in os.walk(folder)):
+                shutil.rmtree(folder)
+        return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
     return None
+
+
+def _download_folders(torchvision_name, data_dir):
+    """The folders torchvision's downloader creates, deepest first."""
+    if torchvision_name in ("MNIST", "FashionMNIST"):
+        return [os.path.join(data_dir, torchvision_name, "raw"), os.path.join(data_dir, torchvision_name), data_dir]
+    return [data_dir]
 
 
 # torchvision class, extracted folder and its files, per CIFAR dataset.
@@ -304,9 +340,11 @@ def _imagenet(data_dir, info):
     normalize = T.Normalize(info.mean, info.std)
     train_tf = T.Compose([T.RandomResizedCrop(info.spatial), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     val_tf = T.Compose([T.Resize(IMAGENET_RESIZE), T.CenterCrop(info.spatial), T.ToTensor(), normalize])
+    def load_rgb(path):
+        return open_image(path, "RGB")
     try:
-        return (torchvision.datasets.ImageFolder(os.path.join(data_dir, "train"), train_tf),
-                torchvision.datasets.ImageFolder(os.path.join(data_dir, "val"), val_tf))
+        return (torchvision.datasets.ImageFolder(os.path.join(data_dir, "train"), train_tf, loader=load_rgb),
+                torchvision.datasets.ImageFolder(os.path.join(data_dir, "val"), val_tf, loader=load_rgb))
     except FileNotFoundError as e:  # a class folder without images
         raise DatasetError(f"imagenet: {e}") from None
 
@@ -490,22 +528,25 @@ class EpochDataLoader:
     """A DataLoader whose sampler is told the epoch (shuffling under DDP differs per epoch)."""
 
     def __init__(self, dataset, batch_size, train, workers, device, seed=0, rank=0, world_size=1):
-        self.sampler, self.generator, self.seed = None, torch.Generator().manual_seed(seed), seed
+        self.sampler, self.generator, self.seed, self.rank = None, torch.Generator().manual_seed(seed), seed, rank
         if world_size > 1 and train:
             self.sampler = torch.utils.data.DistributedSampler(dataset, world_size, rank, shuffle=True, seed=seed)
         elif world_size > 1:  # disjoint shards: DistributedSampler would repeat samples to even them out
             dataset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
         elif train:
             self.sampler = torch.utils.data.RandomSampler(dataset, generator=self.generator)
+        # Workers are started anew every epoch, seeded from self.generator: their augmentation draws are a
+        # function of (seed, epoch), so a resumed run repeats an uninterrupted one (persistent workers
+        # would carry their random state over from the epochs before the interruption).
         self.loader = torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers,
-            pin_memory=torch.device(device).type == "cuda", persistent_workers=workers > 0, drop_last=False)
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=workers, generator=self.generator,
+            pin_memory=torch.device(device).type == "cuda", persistent_workers=False, drop_last=False)
 
     def set_epoch(self, epoch):
-        """Shuffle as a function of (seed, epoch), so that a resumed run repeats an uninterrupted one."""
+        """Shuffle and augment as a function of (seed, epoch), so that a resumed run repeats an uninterrupted one."""
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        self.generator.manual_seed(stream_seed(self.seed, epoch, SHUFFLE_STREAM))
+        self.generator.manual_seed(stream_seed(self.seed, epoch, self.rank, SHUFFLE_STREAM))
 
     def __len__(self):
         return len(self.loader)

@@ -9,12 +9,13 @@ which is what a fixed scattering transform with a linear head measures.
 Saves the best model to <save-dir>/best.pth (loadable as train.py's).
 """
 import argparse
+import math
 import os
 import time
 
 import train
 from scattering_net import ModelConfig, add_model_args
-from utils import barrier, cleanup_distributed, die, format_seconds, main_print
+from utils import die, format_seconds, main_print
 
 
 def get_args_parser():
@@ -48,23 +49,23 @@ def fit_single_phase(phase, model, env, args, save_dir):
 
 
 def main(args):
-    if args.lr <= 0:
+    if not 0 < args.lr < math.inf:
         die(f"--lr must be > 0, got {args.lr}")
+    existing = [p for p in (os.path.join(args.save_dir, n) for n in ("best.pth", "last.pth")) if os.path.exists(p)]
+    if existing:
+        die(f"{existing[0]} already exists: choose another --save-dir (nothing was overwritten)")
     start = time.perf_counter()
     env = train.setup(args, args.batch_size)
     args.seed = env["seed"]
     config = ModelConfig.from_args(args, env["data"].info)  # --learnable is ModelConfig.learnable
     model = train.build_model(config, args.seed, env["device"], args.channels_last)
     train.describe_run(env, model, "quick_check.py")
-    best_acc, best_epoch, curves = fit_single_phase("quick_check", model, env, args, args.save_dir)
+    with env["lock"]:
+        best_acc, best_epoch, curves = fit_single_phase("quick_check", model, env, args, args.save_dir)
     main_print(f"best val acc {best_acc:.2f}% (epoch {best_epoch}) in {format_seconds(time.perf_counter() - start)}; "
                f"model saved to {os.path.join(args.save_dir, 'best.pth')}")
     return {"best_acc": best_acc, "best_epoch": best_epoch, "curves": curves}
 
 
 if __name__ == "__main__":
-    try:
-        main(get_args_parser().parse_args())
-        barrier()  # leave together (see train.run)
-    finally:
-        cleanup_distributed()
+    train.run_script(main, get_args_parser().parse_args(), resume_hint=False)

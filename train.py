@@ -12,6 +12,7 @@ Measured results are in README.md and BENCHMARKS.md, with their commands.
 """
 import argparse
 import math
+from contextlib import ExitStack
 import os
 import random
 import sys
@@ -27,11 +28,15 @@ import data
 import wavelet_kernels
 from engine import EarlyStopping, NonFiniteLoss, evaluate, filter_deltas, train_one_epoch
 from scattering_net import ModelConfig, ScatteringNet, add_model_args, count_parameters, describe_plan
-from utils import (barrier, broadcast_object, cleanup_distributed, device_memory_bytes, die,
+from utils import (CheckpointError, SaveDirLock, barrier, broadcast_object, cleanup_distributed, device_memory_bytes, die,
                    distributed_env, init_distributed, is_main_process, keep_freed_memory, load_checkpoint, main_print,
                    replicas_agree, save_checkpoint, seed_everything, write_json)
 
 PHASES = ("phase_a", "phase_b")
+TRAINING_DEVICES = ("cpu", "cuda", "mps")
+# What a last.pth must hold to be resumed from (save_epoch writes them).
+LAST_KEYS = ("state_dict", "phase", "epoch", "config", "optimizer", "scheduler", "early_stopping", "rng", "finished",
+             "results", "curves_all", "json_path")
 JOINT = "joint"
 EXTRACTOR_LR_SCALES = ("fixed", "rms")
 # Phase B's defaults, chosen by the ablation in README.md ("Phase B without the collapse").
@@ -42,6 +47,8 @@ PHASE_B_RECIPE = {"lr_head_finetune": None, "warmup_epochs": 3.0, "carry_head_st
 HEAD_FINETUNE_FACTOR = 0.1
 # Exit code of a run stopped by a NaN or infinite loss (README.md, "Failures and recovery").
 EXIT_DIVERGED = 3
+# Exit code after Ctrl-C (SIGINT): 128 + 2, as shells report a process killed by SIGINT.
+EXIT_INTERRUPTED = 130
 # Training with AdamW keeps 4 float32 numbers per parameter: weight, gradient, two moments.
 TRAINING_BYTES_PER_PARAM = 16
 
@@ -115,6 +122,9 @@ def get_args_parser():
     training.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     training.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs")
     training.add_argument("--resume", action="store_true", help="continue the interrupted run in --save-dir")
+    training.add_argument("--trust-checkpoint", action="store_true",
+                          help="load checkpoints that hold more than tensors and plain values (their pickle can run "
+                               "code): only for files from a source you trust")
     add_runtime_args(parser)
     return parser
 
@@ -171,21 +181,53 @@ def pick_device(requested, local_rank):
         device = torch.device(requested)
     except RuntimeError:
         die(f"--device: unknown device {requested!r}")
+    if device.type not in TRAINING_DEVICES:
+        die(f"--device {requested}: not a device to train on; choose cpu, cuda, cuda:N or mps")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        die(f"--device {requested}: MPS (Apple GPU) is not available on this machine")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             die(f"--device {requested}: CUDA is not available on this machine")
         if device.index is None:
             device = torch.device("cuda", local_rank)
+        elif device.index >= torch.cuda.device_count():
+            die(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
-def setup(args, batch_size):
-    """Check the flags, start the processes, seed, and build the loaders (data.Loaders, in env['data'])."""
-    rank, world_size, local_rank = distributed_env()
+def setup(args, batch_size, lock_save_dir=True):
+    """Check the flags, lock --save-dir, start the processes, seed, and build the loaders (data.Loaders).
+
+    Returns env: rank, world_size, device, seed, data and lock (a SaveDirLock
+    held by rank 0 when lock_save_dir: use ``with env["lock"]:`` around the
+    run to release it).
+    """
+    try:
+        rank, world_size, local_rank = distributed_env()
+    except ValueError as e:
+        die(e)
     plan = check_common_args(args, batch_size, world_size)
     device = pick_device(args.device, local_rank)
     check_fits(plan, device)
-    init_distributed(device.type)
+    lock = SaveDirLock(args.save_dir)
+    if rank == 0 and lock_save_dir:
+        try:
+            lock.acquire()
+        except CheckpointError as e:
+            die(e)
+    with ExitStack() as on_error:
+        on_error.callback(lock.release)
+        env = start(args, batch_size, device, rank, world_size)
+        on_error.pop_all()
+    return {**env, "lock": lock}
+
+
+def start(args, batch_size, device, rank, world_size):
+    """Start the process group, seed, load the data."""
+    try:
+        init_distributed(device.type)
+    except ValueError as e:
+        die(e)
     if device.type == "cpu":
         keep_freed_memory()
     if args.threads:
@@ -197,7 +239,7 @@ def setup(args, batch_size):
                                      args.fast_path, args.workers, seed, rank, world_size, args.augment,
                                      args.image_size)
     except data.DatasetError as e:
-        die(e)
+        die(data.error_line(e))
     return {"rank": rank, "world_size": world_size, "device": device, "seed": seed, "data": loaders}
 
 
@@ -298,8 +340,19 @@ class RunState:
         return {"results": self.results, "curves_all": self.curves, "json_path": self.json_path}
 
 
-def find_last_checkpoint(save_dir, resume):
-    """The newest last.pth to continue from (None for a fresh run); dies on an unusable save-dir."""
+def read_checkpoint(path, args):
+    """load_checkpoint (weights_only unless --trust-checkpoint), or one line and exit 2 if the file is unusable."""
+    try:
+        return load_checkpoint(path, trusted=args.trust_checkpoint)
+    except CheckpointError as e:
+        die(e)
+
+
+def find_last_checkpoint(args):
+    """The newest last.pth in --save-dir to continue from (None for a fresh run); dies on an unusable save-dir."""
+    save_dir, resume = args.save_dir, args.resume
+    if os.path.exists(save_dir) and not os.path.isdir(save_dir):
+        die(f"--save-dir {save_dir} is a file, not a folder")
     lasts = {p: os.path.join(save_dir, p, "last.pth") for p in (*PHASES, JOINT)}
     existing = [p for p in lasts if os.path.isfile(lasts[p])]
     if not resume:
@@ -309,12 +362,16 @@ def find_last_checkpoint(save_dir, resume):
         return None
     if not existing:
         die(f"--resume: no checkpoint to continue in {save_dir} (looked for {', '.join(lasts.values())})")
-    return load_checkpoint(lasts[existing[-1]])
+    last = read_checkpoint(lasts[existing[-1]], args)
+    missing = [k for k in LAST_KEYS if k not in last]
+    if missing:
+        die(f"--resume: {lasts[existing[-1]]} is not a last.pth written by train.py (no {', '.join(missing)})")
+    return last
 
 
 def check_resume_config(saved, args):
     """Flags that change the experiment must match the interrupted run's (a left-out --seed was taken from it)."""
-    ignored = {"resume", "print_freq", "workers", "device", "threads", "compile"}
+    ignored = {"resume", "print_freq", "workers", "device", "threads", "compile", "trust_checkpoint"}
     current = vars(args)
     differ = [k for k in current if k not in ignored and saved.get(k) != current[k]]
     if differ:
@@ -413,10 +470,10 @@ def morlet_rms(config):
     return float(np.sqrt(np.mean(np.concatenate([psi.real, psi.imag]) ** 2)))
 
 
-def carry_head_moments(optimizer, model, phase_a_dir):
-    """Give the head's parameters in ``optimizer`` the AdamW state Phase A ended with (its last.pth)."""
+def carry_head_moments(optimizer, model, phase_a_state):
+    """Give the head's parameters in ``optimizer`` the AdamW state Phase A ended with (its state_dict)."""
     phase_a = adamw([head_group(model, 1.0)], 0.0)
-    phase_a.load_state_dict(load_checkpoint(os.path.join(phase_a_dir, "last.pth"))["optimizer"])
+    phase_a.load_state_dict(phase_a_state)
     for p in model.head_parameters():
         optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in phase_a.state[p].items()}
 
@@ -447,7 +504,7 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
         scheduler.load_state_dict(resume["scheduler"])
         stopper.load_state_dict(resume["early_stopping"])
         set_rng_state(resume["rng"])
-        best_state = load_checkpoint(os.path.join(ckpt_dir, "best.pth"))["state_dict"]
+        best_state = read_checkpoint(os.path.join(ckpt_dir, "best.pth"), args)["state_dict"]
         start_epoch = resume["epoch"] + 1
     elif is_main_process():
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -459,7 +516,7 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
             train = train_one_epoch(runner, loaders.train, optimizer, device, epoch, args.amp, args.channels_last,
                                     args.print_freq, log, penalty, scheduler)
         except NonFiniteLoss as e:
-            diverged(state, phase, epoch, e.step)
+            diverged(state, phase, epoch, e.step, ckpt_dir)
         val = evaluate(runner, loaders.val, device, args.amp, args.channels_last)
         improved = stopper.step(val["acc"], epoch)
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val["loss"],
@@ -487,14 +544,16 @@ def epoch_lrs(optimizer):
     return lrs
 
 
-def diverged(state, phase, epoch, step):
+def diverged(state, phase, epoch, step, ckpt_dir):
     """Record a NaN/inf loss in the JSON (the checkpoints keep the last good epoch) and stop the run."""
     state.results["diverged"] = {"phase": phase, "epoch": epoch, "step": step}
     state.save()
+    kept = (f"{ckpt_dir}/last.pth keeps epoch {epoch - 1}" if os.path.exists(os.path.join(ckpt_dir, "last.pth"))
+            else "no epoch of it had finished, so it has no checkpoint")
+    recorded = f"; recorded in {state.json_path}" if state.json_path else ""
     if is_main_process():
         print(f"error: {phase} diverged: the training loss became NaN or infinite at epoch {epoch}, step {step}; "
-              f"the checkpoints keep the last good epoch. Try a lower --lr-head / --lr-extractor (or --l2-sp); "
-              f"recorded in {state.json_path}", file=sys.stderr, flush=True)
+              f"{kept}. Try lower learning rates{recorded}", file=sys.stderr, flush=True)
     raise SystemExit(EXIT_DIVERGED)
 
 
@@ -547,7 +606,8 @@ def fine_tune(model, initial, env, args, state):
     lr_head = args.lr_head * HEAD_FINETUNE_FACTOR if args.lr_head_finetune is None else args.lr_head_finetune
     optimizer = adamw(groups + [head_group(model, lr_head)], args.weight_decay)
     if args.carry_head_state:
-        carry_head_moments(optimizer, model, os.path.join(args.save_dir, "phase_a"))
+        phase_a_last = read_checkpoint(os.path.join(args.save_dir, "phase_a", "last.pth"), args)
+        carry_head_moments(optimizer, model, phase_a_last["optimizer"])
     penalty = None if args.freeze_extractor else l2_sp(list(model.extractor_parameters()), initial_extractor, args.l2_sp)
     main_print("Phase B: " + ("the head alone, extractor still frozen (--freeze-extractor)" if args.freeze_extractor
                               else f"fine-tuning everything (extractor lr {args.lr_extractor:g}, "
@@ -585,6 +645,7 @@ def train_jointly(model, initial, env, args, state):
 # ----------------------------------------------------------------------------- the pipeline
 
 def main(args):
+    """Check the flags, find what to resume, lock --save-dir, run the experiment; returns the results dict."""
     if not (0 < args.lr_head < math.inf and 0 <= args.lr_extractor < math.inf):  # NaN fails both
         die(f"--lr-head must be > 0 and --lr-extractor >= 0, got {args.lr_head:g} and {args.lr_extractor:g}")
     if args.lr_head_finetune is not None and not 0 < args.lr_head_finetune < math.inf:
@@ -592,10 +653,19 @@ def main(args):
     args.head_epochs = args.head_epochs or args.epochs
     if args.joint and args.freeze_extractor:
         die("--joint and --freeze-extractor exclude each other: a joint run trains the blocks from the start")
-    last = find_last_checkpoint(args.save_dir, args.resume)
+    last = find_last_checkpoint(args)
     if last and args.seed is None:
         args.seed = last["config"]["seed"]  # before setup: the seed draws the data subset and its order
     env = setup(args, args.global_batch_size)
+    with env["lock"]:
+        try:
+            return experiment(args, env, last)
+        except data.DatasetError as e:  # an image that cannot be read mid-epoch (possibly in a worker)
+            die(data.error_line(e))
+
+
+def experiment(args, env, last):
+    """Phase A then Phase B (or the joint phase), from wherever ``last`` (a last.pth or None) left off."""
     state = load_run_state(args, env["seed"], last)
     config = ModelConfig.from_args(args, env["data"].info)
     model = build_model(config, args.seed, env["device"], args.channels_last)
@@ -608,7 +678,7 @@ def main(args):
     if state.start_phase == "phase_a":
         best_state = train_head(model, env, args, state)
     else:
-        best_state = load_checkpoint(os.path.join(args.save_dir, "phase_a", "best.pth"))["state_dict"]
+        best_state = read_checkpoint(os.path.join(args.save_dir, "phase_a", "best.pth"), args)["state_dict"]
     model.load_state_dict(best_state)
     fine_tune(model, initial, env, args, state)
     results = state.results
@@ -618,13 +688,20 @@ def main(args):
     return results
 
 
-def run(args):
+def run_script(main_function, args, resume_hint=True):
+    """A script's entry point: main_function(args), then leave together; Ctrl-C ends with one line, exit 130."""
     try:
-        main(args)
+        main_function(args)
         barrier()  # leave together: a Gloo rank torn down while its peer still finishes can abort
+    except KeyboardInterrupt:
+        hint = ("the last completed epoch is saved: run the same command with --resume to continue" if resume_hint
+                else "nothing after the last completed epoch was saved")
+        if is_main_process():
+            print(f"interrupted (Ctrl-C): {hint}", file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_INTERRUPTED) from None
     finally:
         cleanup_distributed()
 
 
 if __name__ == "__main__":
-    run(get_args_parser().parse_args())
+    run_script(main, get_args_parser().parse_args())

@@ -5,8 +5,11 @@ Nothing here imports from the project.
 import ctypes
 import datetime
 import json
+import math
 import os
+import pickle
 import random
+import socket
 import sys
 import tempfile
 
@@ -25,7 +28,8 @@ KEEP_FREED_BYTES = 2 ** 30  # freed memory kept for reuse before glibc returns i
 
 def die(message):
     """End the program on bad input: one line on stderr (from rank 0 only), exit code 2, no traceback."""
-    if distributed_env()[0] == 0:
+    rank = os.environ.get("RANK", "0")
+    if not rank.isdigit() or int(rank) == 0:  # a malformed RANK is reported by the one process there is
         print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -87,22 +91,148 @@ def save_checkpoint(path, checkpoint):
     _atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """torch.load with weights_only=True: tensors and plain Python values only, never code from the file."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+class CheckpointError(Exception):
+    """A checkpoint file cannot be used; the message names the file and what to do."""
+
+
+def load_checkpoint(path, map_location="cpu", trusted=False):
+    """A checkpoint dict, read with weights_only=True: tensors and plain Python values only.
+
+    A pickle that needs anything else could run code when it is loaded: it
+    is refused unless ``trusted`` (the scripts' --trust-checkpoint). Missing,
+    empty, truncated or foreign files raise CheckpointError too.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): the run that wrote it was stopped mid-write "
+                              f"by something other than these scripts, or the disk is full")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" in str(e):  # the weights-only unpickler met a class or function to call
+            raise CheckpointError(f"checkpoint {path} holds more than tensors and plain values, so loading it could "
+                                  f"run code from the file; pass --trust-checkpoint only if you trust where it came "
+                                  f"from") from None
+        raise CheckpointError(f"checkpoint {path} is not a PyTorch checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # the unpickler meets arbitrary bytes: any failure means "not a checkpoint"
+        raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint of these scripts (no state_dict)")
+    return ckpt
+
+
+def _first_line(error):
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def finite_or_none(obj):
+    """obj with every NaN or infinite float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    return obj
 
 
 def write_json(path, obj):
-    _atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    """Atomic, strict JSON (NaN and infinities written as null)."""
+    text = json.dumps(finite_or_none(obj), indent=2, allow_nan=False)
+    _atomic_write(path, lambda f: f.write(text.encode()))
+
+
+# ----------------------------------------------------------------------------- save-dir lock
+
+class SaveDirLock:
+    """<save-dir>/.lock holding 'pid hostname' while a run writes there; a second run is refused.
+
+    A lock whose process is gone (killed, machine rebooted) is stale and is
+    taken over. Creating it also proves the folder is writable, before any
+    data is loaded.
+    """
+
+    def __init__(self, save_dir):
+        self.path, self.held = os.path.join(save_dir, ".lock"), False
+
+    def acquire(self):
+        """Take the lock; CheckpointError (one line) when the folder is unusable or another run holds it."""
+        folder = os.path.dirname(self.path)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise CheckpointError(f"--save-dir {folder} cannot be created ({e.strerror or e})") from None
+        for _ in range(2):  # a second try after removing a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder:
+                    raise CheckpointError(f"--save-dir {folder} is in use by another run ({holder}); wait for it "
+                                          f"to finish or choose another --save-dir") from None
+                os.unlink(self.path)  # stale: its process is gone
+                continue
+            except OSError as e:
+                raise CheckpointError(f"--save-dir {folder} is not writable ({e.strerror or e})") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            self.held = True
+            return self
+        raise CheckpointError(f"--save-dir {folder}: could not take {self.path}")
+
+    def _holder(self):
+        """'pid N on HOST' of a live holder, or None for a stale lock."""
+        try:
+            pid, host = open(self.path).read().split()
+            pid = int(pid)
+        except (OSError, ValueError):
+            return None
+        if host != socket.gethostname():
+            return f"pid {pid} on {host}; remove {self.path} if that run is over"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, owned by someone else
+        return f"pid {pid}"
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def release(self):
+        if self.held:
+            self.held = False
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
 
 
 # ----------------------------------------------------------------------------- distributed
 
 def distributed_env():
-    """(rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) when they are absent."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    return 0, 1, 0
+    """(rank, world_size, local_rank) from torchrun's variables; (0, 1, 0) when they are absent.
+
+    ValueError with a one-line message when they are set but make no sense.
+    """
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    shown = ", ".join(f"{n}={os.environ.get(n)!r}" for n in names if n in os.environ)
+    try:
+        rank, world_size, local_rank = (int(os.environ.get(n, "0")) for n in names)
+    except ValueError:
+        raise ValueError(f"{shown}: torchrun's variables must be integers") from None
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or not 0 <= rank < world_size or local_rank < 0:
+        raise ValueError(f"{shown}: RANK and WORLD_SIZE must both be set, with 0 <= RANK < WORLD_SIZE; start "
+                         f"multi-process runs with torchrun")
+    return rank, world_size, local_rank
 
 
 def init_distributed(device_type):
@@ -111,6 +241,10 @@ def init_distributed(device_type):
     Returns (rank, world_size, local_rank); with a single process nothing is started.
     """
     rank, world_size, local_rank = distributed_env()
+    missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if world_size > 1 and not os.environ.get(n)]
+    if missing:
+        raise ValueError(f"WORLD_SIZE={world_size} but {' and '.join(missing)} not set: start multi-process runs "
+                         f"with torchrun")
     if world_size > 1 and not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)

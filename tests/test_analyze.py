@@ -117,8 +117,8 @@ def test_filters_of_a_real_checkpoint(real_run, tmp_path, capsys):
 @pytest.mark.parametrize("args,message", [
     (["--results-dir", "EMPTY"], "error: no usable results_*.json under EMPTY"),
     (["--results-dir", "MISSING/x"], "error: --results-dir MISSING/x is not a folder"),
-    (["--results-dir", "EMPTY", "--filters", "MISSING/best.pth"], "error: --filters: cannot read a checkpoint from "
-                                                                  "MISSING/best.pth (FileNotFoundError"),
+    (["--results-dir", "EMPTY", "--filters", "MISSING/best.pth"], "error: --filters: "
+                                                                  "checkpoint MISSING/best.pth does not exist"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     args = [a.replace("EMPTY", str(tmp_path)).replace("MISSING", str(tmp_path / "missing")) for a in args]
@@ -150,3 +150,34 @@ def test_each_arm_is_its_own_row_and_line(real_run, tmp_path, capsys):
     assert by_arm.loc["joint", "init"] == "random" and by_arm.loc["two-phase", "init"] == "wavelet"
     assert by_arm.loc["frozen-continuation", "finetune_acc"] == 81.0
     assert "Pearson r (filter_delta_relative vs finetune_gain): undefined" in out  # one two-phase run
+
+
+def test_hostile_results_folders(real_run, tmp_path, capsys):
+    _, real = real_run
+    strings = write_variant(tmp_path, "strings", real, 500, 80.0, 82.0, 0.2)
+    strings["results"]["head_acc"] = "80.0"
+    (tmp_path / "strings" / "results_20260101-000000.json").write_text(json.dumps(strings))
+    no_curves = write_variant(tmp_path, "no_curves", real, 500, 80.0, 82.0, 0.2)
+    del no_curves["curves"]
+    (tmp_path / "no_curves" / "results_20260101-000000.json").write_text(json.dumps(no_curves))
+    code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--curves")
+    assert code == 0
+    assert err.strip() == (f"warning: skipping {tmp_path}/strings/results_20260101-000000.json: missing "
+                           f"results.head_acc as a number")
+    assert is_png(tmp_path / "plots" / "curves" / "curves_exp1.png")
+
+
+def test_a_file_named_plots(real_run, tmp_path, capsys):
+    _, real = real_run
+    write_variant(tmp_path, "one", real, 500, 80.0, 82.0, 0.2)
+    (tmp_path / "plots").write_text("not a folder")
+    code, _, err = run_analyze(capsys, "--results-dir", str(tmp_path))
+    assert code == 2 and err.strip() == (f"error: {tmp_path}/plots is a file: the plots go into a folder of that "
+                                         f"name (move the file away)")
+
+
+@pytest.mark.parametrize("content,message", [(b"", "is empty (0 bytes)"), (b'{"config": {}}', "not a PyTorch checkpoint")])
+def test_filters_of_something_that_is_not_a_checkpoint(tmp_path, capsys, content, message):
+    (tmp_path / "x.pth").write_bytes(content)
+    code, _, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--filters", str(tmp_path / "x.pth"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err

@@ -47,3 +47,11 @@ def test_bad_flags_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         benchmark.main(benchmark.get_args_parser().parse_args(flags))
     assert e.value.code == 2 and capsys.readouterr().err.strip() == message
+
+
+def test_an_unwritable_json_path_stops_before_measuring(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(benchmark.get_args_parser().parse_args(["--json", str(tmp_path / "no" / "such" / "x.json")]))
+    assert e.value.code == 2
+    assert capsys.readouterr() == ("", f"error: --json {tmp_path}/no/such/x.json: the folder {tmp_path}/no/such does "
+                                       f"not exist\n")

@@ -289,3 +289,49 @@ def test_missing_cifar100_names_its_folder(tmp_path, offline):
 def test_image_size_is_for_folders_only():
     with pytest.raises(data.DatasetError, match=r"--image-size is for --dataset folder, not cifar10 \(32x32\)"):
         data.dataset_info("cifar10", "unused", image_size=16)
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("truncated", "is truncated or padded: its header promises"),
+    ("not gzip", "cannot read"),
+    ("bad header", "is not an idx file of bytes (bad header)"),
+])
+def test_damaged_idx_files_are_named(tmp_path, damage, message):
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    write_idx(path, np.zeros((5, 28, 28)))
+    if damage == "truncated":
+        raw = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(raw[:len(raw) - 100]))
+    elif damage == "not gzip":
+        path.write_bytes(b"plain text, not gzip")
+    else:
+        path.write_bytes(gzip.compress(b"\x01\x02\x03\x04" + bytes(100)))
+    with pytest.raises(data.DatasetError) as e:
+        data._read_idx(str(path))
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_a_failed_download_is_one_line_and_leaves_no_empty_folders(tmp_path, monkeypatch):
+    import torchvision
+
+    class Offline:
+        def __init__(self, root, train, download):
+            os.makedirs(os.path.join(root, "MNIST", "raw"), exist_ok=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried mirror 1\nTried mirror 2")
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    error = data._download("MNIST", str(tmp_path / "data"))
+    assert error == "RuntimeError: Error downloading train-images-idx3-ubyte.gz: Tried mirror 1 Tried mirror 2"
+    assert not (tmp_path / "data").exists()
+
+
+def test_dataloader_workers_repeat_an_epoch_after_a_restart():
+    """A resumed run builds its loader anew and starts at epoch k: its batches must be those of epoch k."""
+    def batches(loader, epoch):
+        loader.set_epoch(epoch)
+        return [x for x, _ in loader]
+    make = lambda: data.build_loaders("synthetic", "unused", 64, 16, "cpu", fast_path=False, workers=1, seed=3)
+    running = make().train
+    batches(running, 1)
+    second = batches(running, 2)
+    restarted = batches(make().train, 2)
+    assert all(torch.equal(a, b) for a, b in zip(second, restarted)) and len(second) == 4

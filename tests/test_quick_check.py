@@ -60,3 +60,13 @@ def test_bad_flags_exit_2_with_one_line(flags, message, tmp_path, capsys):
         quick_check.main(quick_check.get_args_parser().parse_args([*SMALL, "--save-dir", str(tmp_path), *flags]))
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == [message]
     assert not os.listdir(tmp_path)
+
+
+def test_never_overwrites_a_saved_model(tmp_path, capsys):
+    (tmp_path / "best.pth").write_bytes(b"an earlier run's model")
+    with pytest.raises(SystemExit) as e:
+        quick_check.main(quick_check.get_args_parser().parse_args([*SMALL, "--save-dir", str(tmp_path)]))
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {tmp_path / 'best.pth'} already exists: choose another --save-dir (nothing was overwritten)"]
+    assert (tmp_path / "best.pth").read_bytes() == b"an earlier run's model"

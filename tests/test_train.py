@@ -373,7 +373,7 @@ def test_phase_b_continues_the_heads_adamw_moments(finished_run):
     save_dir, _ = finished_run
     model = small_model()
     optimizer = train.adamw(train.extractor_groups(model, 1e-4, "rms") + [train.head_group(model, 1e-4)], 0.0)
-    train.carry_head_moments(optimizer, model, os.path.join(save_dir, "phase_a"))
+    train.carry_head_moments(optimizer, model, torch.load(os.path.join(save_dir, "phase_a", "last.pth"))["optimizer"])
     saved = torch.load(os.path.join(save_dir, "phase_a", "last.pth"))["optimizer"]["state"]
     for i, p in enumerate(model.head_parameters()):
         assert torch.equal(optimizer.state[p]["exp_avg_sq"], saved[i]["exp_avg_sq"])
@@ -402,3 +402,116 @@ def test_folder_dataset_trains(tmp_path):
                                "--print-freq", "0", "--device", "cpu", "--save-dir", str(tmp_path / "run"))
     assert results["actual_train_samples"] == 12 and results["test_samples"] == 6
     assert torch.load(tmp_path / "run" / "phase_b" / "best.pth")["model_config"]["in_spatial"] == 16
+
+
+# ----------------------------------------------------------------------------- hostile use
+
+def test_divergence_stops_the_run_keeps_the_last_good_epoch_and_writes_strict_json(tmp_path, capsys, monkeypatch):
+    import engine
+    real = train.train_one_epoch
+
+    def diverge_in_epoch_2(*args, **kwargs):
+        if args[4] == 2 and (tmp_path / "phase_b").is_dir():  # Phase B, epoch 2
+            raise engine.NonFiniteLoss(5)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train, "train_one_epoch", diverge_in_epoch_2)
+    with pytest.raises(SystemExit) as e:
+        train_in_process(*SMALL, "--save-dir", str(tmp_path))
+    assert e.value.code == train.EXIT_DIVERGED == 3
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: phase_b diverged: the training loss became NaN or infinite at epoch 2, step 5; "
+                           f"{tmp_path / 'phase_b'}/last.pth keeps epoch 1. Try lower learning rates")
+    saved = json.loads(open(glob.glob(str(tmp_path / "results_*.json"))[0]).read(),
+                       parse_constant=lambda c: pytest.fail(f"non-strict JSON token {c}"))
+    assert saved["results"]["diverged"] == {"phase": "phase_b", "epoch": 2, "step": 5}
+    assert torch.load(tmp_path / "phase_b" / "last.pth")["epoch"] == 1
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_huge_learning_rate_is_caught_within_the_first_epoch(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_in_process(*SMALL, "--lr-head", "1e6", "--save-dir", str(tmp_path))
+    assert e.value.code == 3
+    assert "phase_a diverged" in capsys.readouterr().err
+    assert "NaN" not in open(glob.glob(str(tmp_path / "results_*.json"))[0]).read()
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "random"])
+def test_resume_from_a_damaged_checkpoint_is_one_line(finished_run, tmp_path, capsys, damage):
+    import shutil
+    shutil.copytree(finished_run[0], tmp_path / "run")
+    last = tmp_path / "run" / "phase_b" / "last.pth"
+    content = last.read_bytes()
+    last.write_bytes({"empty": b"", "truncated": content[:len(content) // 3], "random": os.urandom(5000)}[damage])
+    (line,) = exit_2_message(capsys, *SMALL, "--save-dir", str(tmp_path / "run"), "--resume")
+    assert line.startswith(f"error: checkpoint {last} ")
+
+
+def test_a_second_run_into_a_busy_save_dir_is_refused(tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.makedirs(tmp_path / "run")
+        (tmp_path / "run" / ".lock").write_text(f"{holder.pid} {__import__('socket').gethostname()}\n")
+        assert exit_2_message(capsys, *SMALL, "--save-dir", str(tmp_path / "run")) == [
+            f"error: --save-dir {tmp_path / 'run'} is in use by another run (pid {holder.pid}); wait for it to "
+            f"finish or choose another --save-dir"]
+        assert os.listdir(tmp_path / "run") == [".lock"]
+    finally:
+        holder.kill()
+
+
+@pytest.mark.parametrize("setup,flags,message", [
+    ("file", [], "error: --save-dir SAVE is a file, not a folder"),
+    (None, ["--device", "meta"], "error: --device meta: not a device to train on; choose cpu, cuda, cuda:N or mps"),
+    (None, ["--weight-decay", "nan"], "error: --weight-decay must be a finite number >= 0, got nan"),
+    (None, ["--lr-head", "nan"], "error: --lr-head must be > 0 and --lr-extractor >= 0, got nan and 0.001"),
+    pytest.param(None, ["--device", "mps"], "error: --device mps: MPS (Apple GPU) is not available on this machine",
+                 marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available here")),
+])
+def test_more_bad_input_is_one_line(tmp_path, capsys, setup, flags, message):
+    save = tmp_path / "save"
+    if setup == "file":
+        save.write_text("not a folder")
+    assert exit_2_message(capsys, *SMALL, "--save-dir", str(save), *flags) == [message.replace("SAVE", str(save))]
+
+
+def test_malformed_torchrun_environment_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    assert exit_2_message(capsys, *SMALL, "--save-dir", str(tmp_path)) == [
+        "error: RANK='0', WORLD_SIZE='abc': torchrun's variables must be integers"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    (line,) = exit_2_message(capsys, *SMALL, "--save-dir", str(tmp_path / "run"))
+    assert line.startswith("error: WORLD_SIZE=2 but MASTER_ADDR") and not os.listdir(tmp_path / "run")
+
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path):
+    proc = subprocess.Popen([sys.executable, "train.py", *SMALL, "--epochs", "50", "--save-dir", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / "phase_a" / "last.pth").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == [
+        "interrupted (Ctrl-C): the last completed epoch is saved: run the same command with --resume to continue"]
+    assert not (tmp_path / ".lock").exists() and torch.load(tmp_path / "phase_a" / "last.pth")["epoch"] >= 1
+
+
+def test_image_folders_with_different_classes_are_refused(tmp_path, capsys):
+    data_dir = fake_imagenet(tmp_path / "ImageNet")
+    os.rename(data_dir / "val" / "n00000001", data_dir / "val" / "n00000009")
+    assert exit_2_message(capsys, "--dataset", "imagenet", "--data-dir", str(data_dir), "--device", "cpu",
+                          "--save-dir", str(tmp_path / "run")) == [
+        "error: imagenet: train/ and val/ must have the same classes (labels would shift): only in train/: "
+        "['n00000001']; only in val/: ['n00000009']"]
+
+
+def test_a_corrupt_image_read_by_a_worker_is_named(tmp_path, capsys):
+    data_dir = fake_imagenet(tmp_path / "ImageNet")
+    (data_dir / "train" / "n00000001" / "1.png").write_bytes(b"\x89PNG broken")
+    (line,) = exit_2_message(capsys, "--dataset", "imagenet", "--data-dir", str(data_dir), "--n-blocks", "1", "--L",
+                             "2", "--epochs", "1", "--global-batch-size", "4", "--workers", "1", "--seed", "0",
+                             "--device", "cpu", "--print-freq", "0", "--save-dir", str(tmp_path / "run"))
+    assert line.startswith(f"error: cannot read image {data_dir / 'train' / 'n00000001' / '1.png'} (")

@@ -1,4 +1,6 @@
+import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -17,13 +19,13 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     path = str(tmp_path / "last.pth")
-    utils.save_checkpoint(path, {"epoch": 1})
+    utils.save_checkpoint(path, {"state_dict": {}, "epoch": 1})
 
     class Unpicklable:
         def __reduce__(self):
             raise RuntimeError("disk full (simulated)")
     with pytest.raises(RuntimeError, match="disk full"):
-        utils.save_checkpoint(path, {"epoch": 2, "bad": Unpicklable()})
+        utils.save_checkpoint(path, {"state_dict": {}, "epoch": 2, "bad": Unpicklable()})
     assert utils.load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pth"]
 
@@ -80,3 +82,99 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+class RunsCode:
+    """A pickle that would create a file when unpickled: what a malicious checkpoint could do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unless_trusted(tmp_path):
+    path, marker = str(tmp_path / "last.pth"), str(tmp_path / "pwned")
+    torch.save({"state_dict": {}, "payload": RunsCode(marker)}, path)
+    with pytest.raises(utils.CheckpointError) as e:
+        utils.load_checkpoint(path)
+    assert "could run code" in str(e.value) and "--trust-checkpoint" in str(e.value)
+    assert not os.path.exists(marker)
+    utils.load_checkpoint(path, trusted=True)  # the user's explicit choice
+    assert os.path.exists(marker)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"", "is empty (0 bytes)"),
+    (b"PK\x03\x04 truncated zip", "is truncated or not a PyTorch checkpoint"),
+    (bytes(range(256)) * 4, "not a PyTorch checkpoint"),
+    (b'{"config": {}, "results": {}}', "not a PyTorch checkpoint"),
+])
+def test_damaged_checkpoints_give_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "best.pth"
+    path.write_bytes(content)
+    with pytest.raises(utils.CheckpointError) as e:
+        utils.load_checkpoint(str(path))
+    assert message in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_truncated_real_checkpoint(tmp_path):
+    path = str(tmp_path / "last.pth")
+    utils.save_checkpoint(path, {"state_dict": {"w": torch.randn(1000)}, "epoch": 1})
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])
+    with pytest.raises(utils.CheckpointError, match="is truncated or not a PyTorch checkpoint"):
+        utils.load_checkpoint(path)
+
+
+def test_json_has_no_nan_tokens(tmp_path):
+    path = str(tmp_path / "r.json")
+    utils.write_json(path, {"loss": float("nan"), "rows": [1.0, float("inf")], "ok": 2.5})
+    text = open(path).read()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text) == {"loss": None, "rows": [1.0, None], "ok": 2.5}
+
+
+def test_save_dir_lock_refuses_a_second_run_and_recovers_a_stale_one(tmp_path):
+    first = utils.SaveDirLock(str(tmp_path / "run")).acquire()
+    with pytest.raises(utils.CheckpointError) as e:
+        utils.SaveDirLock(str(tmp_path / "run")).acquire()
+    assert str(e.value) == (f"--save-dir {tmp_path / 'run'} is in use by another run (pid {os.getpid()}); wait for "
+                            f"it to finish or choose another --save-dir")
+    first.release()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "run" / ".lock").write_text(f"{dead.stdout.strip()} {socket.gethostname()}\n")  # killed holder
+    with utils.SaveDirLock(str(tmp_path / "run")).acquire():
+        assert (tmp_path / "run" / ".lock").read_text().split()[0] == str(os.getpid())
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_save_dir_that_is_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(utils.CheckpointError, match="cannot be created"):
+        utils.SaveDirLock(str(tmp_path / "file")).acquire()
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"RANK": "0", "WORLD_SIZE": "abc"}, "torchrun's variables must be integers"),
+    ({"WORLD_SIZE": "2"}, "RANK and WORLD_SIZE must both be set"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, "0 <= RANK < WORLD_SIZE"),
+])
+def test_malformed_torchrun_variables(monkeypatch, env, message):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=message):
+        utils.distributed_env()
+
+
+def test_world_size_without_master_addr(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="WORLD_SIZE=2 but MASTER_ADDR"):
+        utils.init_distributed("cpu")
