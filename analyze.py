@@ -40,6 +40,16 @@ COLUMNS = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "init", "ar
            "n_params_trainable"]
 # Pearson's r of fewer points says nothing (two points always lie on a line).
 MIN_POINTS_FOR_R = 3
+# Config keys that say how a run was executed, not what it measured; and those that choose its arm.
+RUN_KEYS = ("seed", "save_dir", "resume", "print_freq", "workers", "device", "threads", "compile",
+            "trust_checkpoint", "data_dir", "fast_path")
+ARM_KEYS = ("init", "joint", "freeze_extractor")
+ACCURACIES = ("head_acc", "finetune_acc", "joint_acc")
+# The paired comparisons: wavelet two-phase finetune_acc minus (arm, init, accuracy column) of the same seed.
+COMPARISONS = {"wavelet fine-tuned - random joint": (JOINT, "random", "joint_acc"),
+               "wavelet fine-tuned - frozen continuation": (FROZEN, "wavelet", "finetune_acc"),
+               "wavelet fine-tuned - its own head": (None, "wavelet", "head_acc")}
+CONFIDENCE = 0.95
 
 
 def get_args_parser():
@@ -99,10 +109,61 @@ def summary_table(experiments):
                "n_blocks": config["n_blocks"], "L": config["L"], "modulus_type": config["modulus_type"],
                "init": config.get("init", "wavelet"), "arm": arm_of(config)}
         row.update({key: results[key] for key in COLUMNS if key in results})
-        rows.append({**row, "path": path})
-    table = pd.DataFrame(rows, columns=COLUMNS + ["path"]).sort_values(["dataset", "train_size", "path"])
+        rows.append({**row, "seed": config.get("seed"), "base": base_configuration(config), "path": path})
+    table = pd.DataFrame(rows, columns=COLUMNS + ["seed", "base", "path"]).sort_values(["dataset", "train_size", "path"])
     table.index = pd.RangeIndex(1, len(table) + 1, name="exp")
     return table
+
+
+def base_configuration(config):
+    """What a run measured, without its seed, how it ran, or its arm: runs that differ only in those pair up."""
+    return json.dumps({k: v for k, v in config.items() if k not in RUN_KEYS + ARM_KEYS}, sort_keys=True)
+
+
+# ----------------------------------------------------------------------------- statistics over seeds
+
+def group_table(table):
+    """Per configuration (base configuration and arm): n runs and the mean and std of each accuracy."""
+    keys = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "init", "arm"]
+    stats = table.groupby(["base"] + keys, sort=False)[list(ACCURACIES)].agg(["mean", "std"])
+    stats.columns = [f"{acc}_{stat}" for acc, stat in stats.columns]
+    stats.insert(0, "n", table.groupby(["base"] + keys, sort=False).size())
+    stats = stats.reset_index().drop(columns="base").dropna(axis=1, how="all")
+    return stats.sort_values(["dataset", "train_size", "arm"]).reset_index(drop=True)
+
+
+def paired_comparisons(table):
+    """Wavelet two-phase finetune_acc minus each control, paired by seed within a base configuration.
+
+    One row per (base configuration, comparison): n pairs, mean and std of the
+    differences, the paired t-test's p-value and the 95 % confidence interval
+    of the mean difference (Student's t; NaN below 2 pairs).
+    """
+    rows = []
+    fine_tuned = table[(table.arm == TWO_PHASE) & (table.init == "wavelet")]
+    for base, ours in fine_tuned.groupby("base", sort=False):
+        same = table[table.base == base]
+        for name, (arm, init, column) in COMPARISONS.items():
+            theirs = same[(same.arm == arm) & (same.init == init)] if arm else ours
+            pairs = ours.merge(theirs, on="seed", suffixes=("", "_other")).dropna(subset=[column + "_other"])
+            if len(pairs):
+                rows.append({"dataset": ours.dataset.iloc[0], "train_size": ours.train_size.iloc[0],
+                             "comparison": name, **difference_stats(pairs.finetune_acc - pairs[column + "_other"])})
+    return pd.DataFrame(rows, columns=["dataset", "train_size", "comparison", "n", "mean_diff", "std_diff",
+                                       "p_value", "ci_low", "ci_high"])
+
+
+def difference_stats(diffs):
+    """n, mean, std, paired t-test p-value and 95 % CI of paired differences."""
+    from scipy import stats
+    d = np.asarray(diffs, dtype=float)
+    n, mean = len(d), float(d.mean())
+    if n < 2:
+        return {"n": n, "mean_diff": mean, "std_diff": np.nan, "p_value": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+    std = float(d.std(ddof=1))
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * std / np.sqrt(n)
+    p = float(stats.ttest_1samp(d, 0.0).pvalue) if std > 0 else (0.0 if mean else 1.0)
+    return {"n": n, "mean_diff": mean, "std_diff": std, "p_value": p, "ci_low": mean - half, "ci_high": mean + half}
 
 
 # ----------------------------------------------------------------------------- plots
@@ -122,12 +183,54 @@ def plot_size_vs_accuracy(plt, table, path):
     labels = table.apply(configuration_label, axis=1) + ", " + table.init + " init"
     for (label, arm), group in table.groupby([labels, table.arm]):
         for column, style, text in ACCURACY_LINES[arm]:
-            means = group.groupby("train_size")[column].mean()  # repeated sizes: mean
-            ax.plot(means.index, means, style, label=f"{text}, {label}")
+            stats = group.groupby("train_size")[column].agg(["mean", "std"])  # repeated seeds: mean +- std
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), fmt=style, capsize=3,
+                        label=f"{text}, {label}")
     ax.set(xscale="log", xlabel="training images (log scale)", ylabel="test accuracy (%)",
            title="Training-set size vs accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    save(plt, fig, path)
+
+
+# The data-efficiency plot's lines: (arm, init, accuracy column, legend text, marker style).
+EFFICIENCY_LINES = [(JOINT, "random", "joint_acc", "random init, joint", "d-."),
+                    (TWO_PHASE, "wavelet", "head_acc", "wavelet, frozen (head only)", "o--"),
+                    (FROZEN, "wavelet", "finetune_acc", "wavelet, frozen (head trained on)", "^:"),
+                    (TWO_PHASE, "wavelet", "finetune_acc", "wavelet, fine-tuned", "s-")]
+
+
+def plot_data_efficiency(plt, table, path):
+    """Accuracy vs training images (log x), mean +- std over seeds, per arm and dataset."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for dataset, runs in table.groupby("dataset"):
+        for arm, init, column, text, style in EFFICIENCY_LINES:
+            rows = runs[(runs.arm == arm) & (runs.init == init)].dropna(subset=[column])
+            if len(rows):
+                stats = rows.groupby("train_size")[column].agg(["mean", "std", "size"])
+                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), fmt=style, capsize=3,
+                            label=f"{text} ({dataset}, n={stats['size'].min()}-{stats['size'].max()})")
+    ax.set(xscale="log", xlabel="training images (log scale)", ylabel="test accuracy (%), mean +- std over seeds",
+           title="Data efficiency: does starting from wavelets, then learning them, help?")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(plt, fig, path)
+
+
+def plot_advantage(plt, significance, path):
+    """Wavelet fine-tuned minus random joint per training-set size, with its 95 % confidence interval."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    rows = significance[significance.comparison == "wavelet fine-tuned - random joint"]
+    for dataset, d in rows.groupby("dataset"):
+        low, high = (d.mean_diff - d.ci_low).fillna(0), (d.ci_high - d.mean_diff).fillna(0)
+        ax.errorbar(d.train_size, d.mean_diff, yerr=[low, high], fmt="o-", capsize=4, label=dataset)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set(xscale="log", xlabel="training images (log scale)", ylabel="accuracy points (paired by seed)",
+           title="Wavelet init (two-phase) over random init (joint), 95 % CI")
+    ax.grid(alpha=0.3)
+    if len(rows):
+        ax.legend(fontsize=8)
     save(plt, fig, path)
 
 
@@ -307,8 +410,7 @@ def format_table(table):
     formats = {"head_acc": "{:.2f}", "finetune_acc": "{:.2f}", "finetune_gain": "{:+.2f}", "joint_acc": "{:.2f}",
                "filter_delta_l2": "{:.4f}", "filter_delta_relative": "{:.4f}", "train_size": "{:,}",
                "n_params_total": "{:,}", "n_params_trainable": "{:,}"}
-    return table.drop(columns="path").to_string(
-        formatters={k: (lambda v, f=f: "-" if pd.isna(v) else f.format(v)) for k, f in formats.items()})
+    return table.drop(columns="path").to_string(na_rep="-", formatters={k: f.format for k, f in formats.items()})
 
 
 def analyze_results(plt, args):
@@ -317,14 +419,25 @@ def analyze_results(plt, args):
         die(f"no usable results_*.json under {args.results_dir} (run train.py --save-dir {args.results_dir}/... first)")
     table = summary_table(experiments)
     plots_dir = writable_plots_dir(args.results_dir)
-    print(format_table(table))
-    saved = [os.path.join(plots_dir, name) for name in ("summary.csv", "plot_size_vs_accuracy.png",
-                                                        "plot_size_vs_gain.png", "plot_delta_vs_gain.png")]
-    table.to_csv(saved[0])
-    plot_size_vs_accuracy(plt, table, saved[1])
+    groups, significance = group_table(table), paired_comparisons(table)
+    print(format_table(table.drop(columns=["seed", "base"])))
+    print("\nper configuration (mean and std over seeds, n runs):")
+    print(groups.to_string(float_format=lambda v: f"{v:.2f}", na_rep="-"))
+    print("\npaired by seed (accuracy points; p: paired t-test; CI: 95 %):")
+    print(significance.to_string(float_format=lambda v: f"{v:.4g}", na_rep="-") if len(significance)
+          else "no wavelet two-phase run has a control with the same seed and configuration")
+    names = ("summary.csv", "runs.csv", "significance.csv", "plot_size_vs_accuracy.png", "plot_size_vs_gain.png",
+             "plot_delta_vs_gain.png", "plot_data_efficiency.png", "plot_advantage.png")
+    saved = [os.path.join(plots_dir, name) for name in names]
+    groups.to_csv(saved[0], index=False)
+    table.drop(columns="base").to_csv(saved[1])
+    significance.to_csv(saved[2], index=False)
+    plot_size_vs_accuracy(plt, table, saved[3])
     fine_tuned = table[table.arm == TWO_PHASE]  # the gain plots are about learning the filters
-    plot_size_vs_gain(plt, fine_tuned, saved[2])
-    r = plot_delta_vs_gain(plt, fine_tuned, saved[3])
+    plot_size_vs_gain(plt, fine_tuned, saved[4])
+    r = plot_delta_vs_gain(plt, fine_tuned, saved[5])
+    plot_data_efficiency(plt, table, saved[6])
+    plot_advantage(plt, significance, saved[7])
     if args.curves:
         os.makedirs(os.path.join(plots_dir, "curves"), exist_ok=True)
         by_path = dict(experiments)

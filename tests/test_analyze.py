@@ -60,7 +60,7 @@ def test_table_plots_and_curves_from_a_real_run_and_edge_cases(real_run):
     assert "results_bad.json: missing unreadable (JSONDecodeError)" in proc.stderr
     assert "results_partial.json: missing results.head_acc" in proc.stderr
 
-    table = pd.read_csv(results_dir / "plots" / "summary.csv", index_col="exp")
+    table = pd.read_csv(results_dir / "plots" / "runs.csv", index_col="exp")
     assert list(table.train_size) == [50, 500, 4000] and list(table.index) == [1, 2, 3]
     real_row = table.loc[2]
     for key in ("head_acc", "finetune_acc", "finetune_gain", "filter_delta_l2", "filter_delta_relative",
@@ -143,7 +143,7 @@ def test_each_arm_is_its_own_row_and_line(real_run, tmp_path, capsys):
     (tmp_path / "joint" / "results_20260101-000000.json").write_text(json.dumps(joint))
     code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path))
     assert code == 0 and err == "", err
-    table = pd.read_csv(tmp_path / "plots" / "summary.csv", index_col="exp")
+    table = pd.read_csv(tmp_path / "plots" / "runs.csv", index_col="exp")
     by_arm = table.set_index("arm")
     assert sorted(table.arm) == ["frozen-continuation", "joint", "two-phase"]
     assert by_arm.loc["joint", "joint_acc"] == 70.0 and pd.isna(by_arm.loc["joint", "head_acc"])
@@ -181,3 +181,44 @@ def test_filters_of_something_that_is_not_a_checkpoint(tmp_path, capsys, content
     (tmp_path / "x.pth").write_bytes(content)
     code, _, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--filters", str(tmp_path / "x.pth"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err
+
+
+def write_run(folder, name, base, seed, arm, accuracies, train_size=500):
+    exp = copy.deepcopy(base)
+    exp["config"].update(seed=seed, init="random" if arm == "random" else "wavelet", joint=arm == "random",
+                         train_size=train_size,
+                         freeze_extractor=arm == "frozen", save_dir=f"runs/{name}", threads=seed + 1)
+    for key in ("head_acc", "finetune_acc", "finetune_gain", "joint_acc"):
+        exp["results"].pop(key, None)
+    exp["results"].update(actual_train_samples=train_size, **accuracies)
+    os.makedirs(folder / name)
+    (folder / name / "results_20260101-000000.json").write_text(json.dumps(exp))
+
+
+def test_means_over_seeds_and_a_known_paired_t_test(real_run, tmp_path, capsys):
+    _, real = real_run
+    ours, random_joint = [70.0, 72.0, 74.0], [65.0, 66.0, 70.0]  # differences 5, 6, 4: mean 5, std 1
+    for seed in range(3):
+        write_run(tmp_path, f"w{seed}", real, seed, "wavelet",
+                  {"head_acc": 60.0 + seed, "finetune_acc": ours[seed], "finetune_gain": ours[seed] - 60 - seed})
+        write_run(tmp_path, f"r{seed}", real, seed, "random", {"joint_acc": random_joint[seed]})
+    write_run(tmp_path, "other_size", real, 0, "random", {"joint_acc": 50.0}, train_size=100)  # no partner
+    code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path))
+    assert code == 0, err
+    groups = pd.read_csv(tmp_path / "plots" / "summary.csv")
+    wavelet = groups[(groups.arm == "two-phase") & (groups.train_size == 500)].iloc[0]
+    assert wavelet.n == 3 and wavelet.finetune_acc_mean == pytest.approx(72.0) and wavelet.finetune_acc_std == pytest.approx(2.0)
+    assert groups[groups.train_size == 100].iloc[0].n == 1
+    significance = pd.read_csv(tmp_path / "plots" / "significance.csv").set_index("comparison")
+    versus_random = significance.loc["wavelet fine-tuned - random joint"]
+    # t = 5 / (1 / sqrt 3) with 2 degrees of freedom; Student's t with 2 dof has cdf 1/2 + t / (2 sqrt(2 + t^2))
+    t = 5 * 3 ** 0.5
+    assert versus_random.n == 3 and versus_random.mean_diff == pytest.approx(5.0)
+    assert versus_random.p_value == pytest.approx(1 - t / (2 + t * t) ** 0.5, rel=1e-6)  # 0.01307
+    half = 4.302652729911275 / 3 ** 0.5  # t_0.975 with 2 dof
+    assert (versus_random.ci_low, versus_random.ci_high) == pytest.approx((5 - half, 5 + half))
+    own_head = significance.loc["wavelet fine-tuned - its own head"]
+    assert own_head.mean_diff == pytest.approx(11.0) and own_head.n == 3
+    assert "wavelet fine-tuned - frozen continuation" not in significance.index  # no such runs
+    assert all(is_png(tmp_path / "plots" / name) for name in ("plot_data_efficiency.png", "plot_advantage.png"))
+    assert "paired by seed" in out

@@ -1,0 +1,260 @@
+"""Grids of train.py runs: one command for "when does learning the wavelets help?", then analyze.py.
+
+    python sweep.py --out runs/sweep --arm wavelet-two-phase,wavelet-frozen,random-joint \\
+        --train-size 0.01,0.05,0.2 --seed 0,1,2 --dataset fashion-mnist --epochs 10 --jobs 2
+    python analyze.py --results-dir runs/sweep      # means, std, paired t-tests, data-efficiency plot
+
+Every train.py flag given a comma list is an axis of the grid; every other one is shared by
+all cells. --arm sets the experimental arm of a cell (ARMS below); without it each --init value
+is one arm, and random init trains --joint unless the grid says otherwise. Each cell runs
+train.py in its own save-dir under --out, named from its settings. A finished cell is skipped,
+an interrupted one resumed (--resume), a failing one reported at the end with its log; Ctrl-C
+stops every running cell cleanly and the next call carries on.
+
+Slots: --gpus 0,1,2,3 runs one cell per GPU (CUDA_VISIBLE_DEVICES), --gpus 0-3:2 two per GPU;
+without GPUs --jobs N runs N cells with the CPU threads split between them.
+--print-commands writes one command per line for a cluster's scheduler (a SLURM job array or
+GNU parallel); --dry-run lists the cells and how many are done.
+"""
+import argparse
+import glob
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import train
+from utils import die, format_seconds
+
+# The experimental arms, as train.py flags.
+ARMS = {"wavelet-two-phase": ["--init", "wavelet"], "wavelet-frozen": ["--init", "wavelet", "--freeze-extractor"],
+        "wavelet-joint": ["--init", "wavelet", "--joint"], "random-joint": ["--init", "random", "--joint"]}
+# What a finished run's results JSON holds.
+FINAL_KEYS = ("finetune_acc", "joint_acc")
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                     epilog="Any other flag goes to train.py; a comma list makes it an axis.")
+    parser.add_argument("--out", required=True, help="folder of the cells' save-dirs")
+    parser.add_argument("--arm", default=None, help=f"comma list of arms, from {list(ARMS)}")
+    parser.add_argument("--gpus", default=None, help="GPU slots: 0,1,2,3 (one cell each) or 0-3:2 (two per GPU)")
+    parser.add_argument("--jobs", type=int, default=1, help="without --gpus: cells at a time on the CPU")
+    parser.add_argument("--print-commands", action="store_true", help="print the cells' commands, run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    return parser
+
+
+# ----------------------------------------------------------------------------- the grid
+
+def train_flags():
+    """{'--flag': takes_a_value} of every train.py option (aliases included)."""
+    flags = {}
+    for action in train.get_args_parser()._actions:
+        for option in action.option_strings:
+            flags[option] = action.nargs != 0
+    return flags
+
+
+def parse_grid(extra):
+    """(axes, shared) from train.py flags: axes {'--flag': [values]} for comma lists, shared [argv]."""
+    known, axes, shared, i = train_flags(), {}, [], 0
+    while i < len(extra):
+        flag = extra[i]
+        if flag not in known or flag in ("--save-dir", "--resume", "-h", "--help"):
+            die(f"sweep.py: {flag!r} is not a train.py flag a sweep can set (see python train.py --help)")
+        if not known[flag]:
+            shared.append(flag)
+            i += 1
+            continue
+        if i + 1 >= len(extra):
+            die(f"sweep.py: {flag} needs a value")
+        value = extra[i + 1]
+        values = [v for v in value.split(",") if v]
+        if "," in value and len(values) > 1:
+            axes[flag] = values
+        else:
+            shared += [flag, value]
+        i += 2
+    return axes, shared
+
+
+def cells(axes, shared, arms):
+    """[(name, train.py argv)] of the grid: the product of the axes and the arms, in a fixed order."""
+    names = list(axes)
+    if arms is None and "--init" in axes:
+        arms = [f"{init}-{'joint' if init == 'random' else 'two-phase'}" for init in axes.pop("--init")]
+        names.remove("--init")
+    grid = []
+    for arm in arms or [None]:
+        for values in itertools.product(*(axes[n] for n in names)):
+            settings = ([f"arm={arm}"] if arm else []) + [f"{n.lstrip('-')}={v}" for n, v in zip(names, values)]
+            argv = list(shared) + (ARMS[arm] if arm else []) + [x for n, v in zip(names, values) for x in (n, v)]
+            if random_init(argv) and "--joint" not in argv and "--joint" not in names:
+                argv.append("--joint")  # random init's protocol
+            grid.append(("__".join(settings) or "run", argv))
+    return grid
+
+
+def random_init(argv):
+    return any(a == "--init" and b == "random" for a, b in zip(argv, argv[1:])) or "--random-init" in argv
+
+
+def state_of(save_dir):
+    """'done', 'interrupted' (has a last.pth to resume), 'failed' (diverged) or 'new'."""
+    for path in glob.glob(os.path.join(save_dir, "results_*.json")):
+        try:
+            results = json.load(open(path))["results"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if "diverged" in results:
+            return "failed"
+        if any(k in results for k in FINAL_KEYS):
+            return "done"
+    return "interrupted" if glob.glob(os.path.join(save_dir, "*", "last.pth")) else "new"
+
+
+def command(argv, save_dir, resume, threads=None):
+    extra = ["--resume"] if resume else []
+    extra += ["--threads", str(threads)] if threads and "--threads" not in argv else []
+    return [sys.executable, SCRIPT, *argv, "--save-dir", save_dir, *extra]
+
+
+# ----------------------------------------------------------------------------- slots
+
+def parse_gpus(text):
+    """['0', '1', ...] of CUDA_VISIBLE_DEVICES values, one per slot: '0,1' or '0-3:2' (two per GPU)."""
+    try:
+        ids, _, per_gpu = text.partition(":")
+        if "-" in ids:
+            low, high = (int(x) for x in ids.split("-"))
+            ids = [str(g) for g in range(low, high + 1)]
+        else:
+            ids = [str(int(g)) for g in ids.split(",")]
+        per_gpu = int(per_gpu or 1)
+    except ValueError:
+        die(f"--gpus: expected a list like 0,1,2,3 or a range like 0-3:2, got {text!r}")
+    if not ids or per_gpu < 1:
+        die(f"--gpus: expected a list like 0,1,2,3 or a range like 0-3:2, got {text!r}")
+    return [g for g in ids for _ in range(per_gpu)]
+
+
+class Sweep:
+    """Runs the cells over the slots; prints a progress line whenever one ends."""
+
+    def __init__(self, todo, slots, threads):
+        self.todo, self.slots, self.threads = list(todo), slots, threads
+        self.running, self.failed, self.done, self.walls = {}, [], 0, []
+        self.lock, self.stopping, self.total = threading.Lock(), False, len(todo)
+
+    def run(self):
+        workers = [threading.Thread(target=self.worker, args=(slot,)) for slot in self.slots]
+        for w in workers:
+            w.start()
+        try:
+            while any(w.is_alive() for w in workers):
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            self.stop()
+            for w in workers:
+                w.join()
+            raise
+
+    def worker(self, slot):
+        while True:
+            with self.lock:
+                if self.stopping or not self.todo:
+                    return
+                name, save_dir, resume, argv = self.todo.pop(0)
+                self.running[name] = None
+            self.run_cell(slot, name, save_dir, resume, argv)
+
+    def run_cell(self, slot, name, save_dir, resume, argv):
+        os.makedirs(save_dir, exist_ok=True)
+        env = dict(os.environ)
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot
+        log_path, start = os.path.join(save_dir, "train.log"), time.perf_counter()
+        with open(log_path, "a") as log:
+            proc = subprocess.Popen(command(argv, save_dir, resume, self.threads), stdout=log,
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            with self.lock:
+                self.running[name] = proc
+            code = proc.wait()
+        with self.lock:
+            del self.running[name]
+            if code == 0:
+                self.done += 1
+                self.walls.append(time.perf_counter() - start)
+            elif not self.stopping:
+                self.failed.append((name, code, log_path))
+            self.progress()
+
+    def progress(self):
+        left = len(self.todo)
+        eta = ""
+        if self.walls and (left or self.running):
+            per_slot = sum(self.walls) / len(self.walls) / len(self.slots)
+            eta = f", ETA {format_seconds(per_slot * (left + len(self.running)))}"
+        print(f"[sweep] done {self.done} / running {len(self.running)} / failed {len(self.failed)} / left {left}{eta}",
+              flush=True)
+
+    def stop(self):
+        """Ctrl-C: every running cell gets SIGINT and saves its last epoch (train.py exits 130)."""
+        with self.lock:
+            self.stopping = True
+            for proc in self.running.values():
+                if proc is not None and proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGINT)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(args, extra):
+    axes, shared = parse_grid(extra)
+    arms = args.arm.split(",") if args.arm else None
+    unknown = [a for a in arms or [] if a not in ARMS]
+    if unknown:
+        die(f"--arm: unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if args.jobs < 1:
+        die(f"--jobs must be >= 1, got {args.jobs}")
+    grid = [(name, os.path.join(args.out, name), argv) for name, argv in cells(axes, shared, arms)]
+    states = {name: state_of(save_dir) for name, save_dir, _ in grid}
+    if args.print_commands:
+        for name, save_dir, argv in grid:
+            print(" ".join(command(argv, save_dir, states[name] == "interrupted")))
+        return 0
+    if args.dry_run:
+        for name, _, _ in grid:
+            print(f"{states[name]:<12} {name}")
+        print(f"{sum(s == 'done' for s in states.values())} of {len(grid)} cells done")
+        return 0
+    slots = parse_gpus(args.gpus) if args.gpus else [None] * args.jobs
+    threads = None if args.gpus else max(1, (os.cpu_count() or 1) // args.jobs)
+    todo = [(name, save_dir, states[name] == "interrupted", argv) for name, save_dir, argv in grid
+            if states[name] in ("new", "interrupted")]
+    print(f"[sweep] {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run on "
+          f"{len(slots)} slot(s) under {args.out}", flush=True)
+    sweep = Sweep(todo, slots, threads)
+    try:
+        sweep.run()
+    except KeyboardInterrupt:
+        print("[sweep] interrupted (Ctrl-C): the running cells saved their last epoch; run the same command to "
+              "carry on", file=sys.stderr, flush=True)
+        return train.EXIT_INTERRUPTED
+    diverged = [(name, train.EXIT_DIVERGED, os.path.join(save_dir, "train.log")) for name, save_dir, _ in grid
+                if states[name] == "failed"]
+    for name, code, log_path in diverged + sweep.failed:
+        print(f"[sweep] failed: {name} (exit code {code}); log: {log_path}", file=sys.stderr)
+    return 1 if diverged or sweep.failed else 0
+
+
+if __name__ == "__main__":
+    parsed, rest = get_args_parser().parse_known_args()
+    sys.exit(main(parsed, rest))

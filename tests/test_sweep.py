@@ -1,0 +1,98 @@
+"""sweep.py: the grid, the cells' states, and a real sweep interrupted, failing and carried on."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import sweep
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dataset", "synthetic", "--n-blocks", "1", "--L", "2", "--global-batch-size", "50", "--print-freq", "0",
+        "--device", "cpu", "--seed", "0"]
+
+
+def test_axes_shared_flags_and_random_init_goes_joint():
+    axes, shared = sweep.parse_grid(["--train-size", "0.01,0.05", "--epochs", "3", "--init", "wavelet,random",
+                                     "--amp"])
+    assert axes == {"--train-size": ["0.01", "0.05"], "--init": ["wavelet", "random"]}
+    assert shared == ["--epochs", "3", "--amp"]
+    grid = sweep.cells(axes, shared, None)
+    assert [name for name, _ in grid] == ["arm=wavelet-two-phase__train-size=0.01", "arm=wavelet-two-phase__train-size=0.05",
+                                          "arm=random-joint__train-size=0.01", "arm=random-joint__train-size=0.05"]
+    assert grid[2][1] == ["--epochs", "3", "--amp", "--init", "random", "--joint", "--train-size", "0.01"]
+    assert "--joint" not in grid[0][1]
+
+
+def test_arms_and_explicit_joint_axis():
+    _, argv = sweep.cells({}, ["--init", "random"], None)[0]
+    assert argv == ["--init", "random", "--joint"]  # random init's protocol when the grid says nothing
+    grid = sweep.cells({"--joint": ["x"]}, [], ["wavelet-frozen"])
+    assert grid[0][1] == ["--init", "wavelet", "--freeze-extractor", "--joint", "x"]
+
+
+@pytest.mark.parametrize("text,slots", [("0,1", ["0", "1"]), ("0-3:2", ["0", "0", "1", "1", "2", "2", "3", "3"]),
+                                        ("2", ["2"])])
+def test_gpu_slots(text, slots):
+    assert sweep.parse_gpus(text) == slots
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--gpus", "a-b"], "error: --gpus: expected a list like 0,1,2,3 or a range like 0-3:2, got 'a-b'"),
+    (["--arm", "magic"], "error: --arm: unknown arm(s) ['magic']; choose from ['wavelet-two-phase', 'wavelet-frozen', "
+                         "'wavelet-joint', 'random-joint']"),
+    (["--no-such-flag", "1"], "error: sweep.py: '--no-such-flag' is not a train.py flag a sweep can set (see python "
+                              "train.py --help)"),
+    (["--save-dir", "x"], "error: sweep.py: '--save-dir' is not a train.py flag a sweep can set (see python train.py "
+                          "--help)"),
+])
+def test_bad_sweeps_are_one_line(argv, message, tmp_path, capsys):
+    args, extra = sweep.get_args_parser().parse_known_args(["--out", str(tmp_path), *argv])
+    with pytest.raises(SystemExit) as e:
+        sweep.main(args, extra)
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == message
+
+
+def run_sweep(out, *flags):
+    return subprocess.run([sys.executable, "sweep.py", "--out", str(out), *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_a_sweep_interrupted_and_failing_carries_on_to_completion(tmp_path):
+    flags = [*TINY, "--epochs", "4", "--train-size", "300,400,99999"]  # 99999 > 4000 images: that cell fails
+    proc = subprocess.Popen([sys.executable, "sweep.py", "--out", str(tmp_path), *flags], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "train-size=300"
+    while not (first / "phase_a" / "last.pth").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted (Ctrl-C)" in err
+    assert sweep.state_of(str(first)) == "interrupted"
+    dry = run_sweep(tmp_path, *flags, "--dry-run")
+    assert dry.stdout.splitlines() == ["interrupted  train-size=300", "new          train-size=400",
+                                       "new          train-size=99999", "0 of 3 cells done"]
+    resumed = run_sweep(tmp_path, *flags)
+    assert resumed.returncode == 1
+    assert "[sweep] done 2 / running 0 / failed 1 / left 0" in resumed.stdout
+    failing = tmp_path / "train-size=99999"
+    assert resumed.stderr.strip() == f"[sweep] failed: train-size=99999 (exit code 2); log: {failing / 'train.log'}"
+    assert "--train-size count must be between 1 and the dataset size 4000" in (failing / "train.log").read_text()
+    (results,) = glob.glob(str(first / "results_*.json"))
+    saved = json.load(open(results))
+    assert len(saved["curves"]["phase_a"]) == len(saved["curves"]["phase_b"]) == 4 and "finetune_acc" in saved["results"]
+    again = run_sweep(tmp_path, *flags)  # the finished cells are skipped
+    assert "[sweep] 3 cells, 2 already done, 1 to run" in again.stdout
+
+
+def test_print_commands_for_a_scheduler(tmp_path):
+    proc = run_sweep(tmp_path, "--arm", "wavelet-two-phase,random-joint", "--seed", "0,1", "--dataset", "synthetic",
+                     "--print-commands")
+    lines = proc.stdout.splitlines()
+    assert proc.returncode == 0 and len(lines) == 4
+    assert lines[3].endswith(f"train.py --dataset synthetic --init random --joint --seed 1 --save-dir "
+                             f"{tmp_path}/arm=random-joint__seed=1")
