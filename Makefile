@@ -1,4 +1,4 @@
-# make demo: set up, then the offline demo (Fashion-MNIST, ~5 min on 2 CPU cores).
+# make demo: set up, then the research question in miniature, offline (Fashion-MNIST, <10 min on 2 CPU cores).
 # make test: set up, then the whole test suite (~1 min on 2 CPU cores, after a ~3 min install).
 PYTHON ?= python3
 VENV := .venv
@@ -7,8 +7,9 @@ STAMP := $(VENV)/.requirements-installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 # Each demo writes to a new folder (nothing earlier is overwritten); runs/demo-latest points at the newest.
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
-DEMO_SIZES := 0.01 0.05 0.2
-DEMO_TRAIN := --dataset fashion-mnist --modulus-type phase_relu --epochs 8 --patience 8 --seed 0 --print-freq 0
+# Wavelet init (two-phase) against random init (joint, same epoch budget) at three training-set sizes, two seeds.
+DEMO_GRID := --arm wavelet-two-phase,random-joint --train-size 0.01,0.05,0.2 --seed 0,1 --jobs 2
+DEMO_TRAIN := --dataset fashion-mnist --modulus-type phase_relu --head-epochs 5 --epochs 5 --warmup-epochs 1 --print-freq 0
 
 .PHONY: setup test demo fashion-mnist docs
 
@@ -28,18 +29,15 @@ fashion-mnist:
 		apt-get install -y -q dataset-fashion-mnist >/dev/null || echo "note: apt-get could not install dataset-fashion-mnist"; \
 	fi
 
-# SPEC.md's typical workflow, scaled down: a quick check, train.py at three training-set sizes, analyze.py.
+# The research question in miniature: sweep.py over the grid, then analyze.py's tables, tests and plots.
 demo: setup fashion-mnist
-	$(PY) quick_check.py --dataset fashion-mnist --epochs 3 --seed 0 --print-freq 0 --save-dir $(DEMO_DIR)/quick_check
-	for size in $(DEMO_SIZES); do \
-		$(PY) train.py $(DEMO_TRAIN) --train-size $$size --save-dir $(DEMO_DIR)/size_$$size || exit $$?; \
-	done
-	$(PY) analyze.py --results-dir $(DEMO_DIR) --curves
-	$(PY) analyze.py --results-dir $(DEMO_DIR) --filters $(DEMO_DIR)/size_0.2/phase_b/best.pth
+	$(PY) sweep.py --out $(DEMO_DIR) $(DEMO_GRID) $(DEMO_TRAIN)
+	$(PY) analyze.py --results-dir $(DEMO_DIR)
+	$(PY) analyze.py --results-dir $(DEMO_DIR) --filters $(DEMO_DIR)/arm=wavelet-two-phase__train-size=0.2__seed=0/phase_b/best.pth
 	ln -sfn $(notdir $(DEMO_DIR)) runs/demo-latest
 
 # The README's picture, from the latest demo.
 docs:
 	mkdir -p docs
-	cp runs/demo-latest/plots/plot_size_vs_accuracy.png docs/plot_size_vs_accuracy.png
+	cp runs/demo-latest/plots/plot_data_efficiency.png docs/plot_data_efficiency.png
 	cp runs/demo-latest/plots/filters_block0.png docs/filters_block0.png
