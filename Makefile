@@ -11,7 +11,7 @@ DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_GRID := --arm wavelet-two-phase,random-joint --train-size 0.01,0.05,0.2 --seed 0,1 --jobs 2
 DEMO_TRAIN := --dataset fashion-mnist --modulus-type phase_relu --head-epochs 5 --epochs 5 --warmup-epochs 1 --print-freq 0
 
-.PHONY: setup test demo fashion-mnist docs
+.PHONY: setup test demo gpu-check fashion-mnist docs
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ setup: $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q
+
+# The GPU path in one command (gpu_check.py): ~8 min on one H100; on a machine without a GPU its --quick form.
+gpu-check: setup fashion-mnist
+	$(PY) gpu_check.py
 
 # Debian ships the real Fashion-MNIST files as a package: install it when we can (root, apt).
 fashion-mnist:

@@ -251,7 +251,8 @@ class ScatteringBlock(nn.Module):
             return safe_modulus(re, im)
         B, CL, H, W = re.shape
         phases = torch.stack([re, -re, im, -im], dim=2).relu()  # (B, CL, 4, H, W), contiguous per (c, l)
-        return self.phase_collapse(phases.view(B, N_PHASES * CL, H, W))  # (B, CL, 4, H, W) -> (B, 4CL, H, W)
+        # (B, CL, 4, H, W) -> (B, 4CL, H, W); reshape, not view: channels_last inputs stack non-contiguously
+        return self.phase_collapse(phases.reshape(B, N_PHASES * CL, H, W))
 
     @torch.no_grad()
     def diagonal_filters(self):

@@ -261,7 +261,9 @@ def wrap_model(model, device, world_size, compile_model):
         runner = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     elif device.type == "cuda" and torch.cuda.device_count() > 1:
         runner = nn.DataParallel(model)
-    return torch.compile(runner) if compile_model else runner
+    # dynamic=False: the last, smaller batch of an epoch gets its own static graph (inductor fails on this
+    # model with symbolic sizes, e.g. "cannot determine truth value of Relational: 96*((s0//2)) < 96")
+    return torch.compile(runner, dynamic=False) if compile_model else runner
 
 
 def describe_run(env, model, mode):

@@ -251,3 +251,13 @@ def test_frozen_block_diagonal_runs_per_channel_with_the_same_output(mixing_hori
 
 def test_per_channel_blocks_never_take_the_shortcut():
     assert not ScatteringBlock(3, L=4, learnable=False, mixing_horizon=1).is_frozen_block_diagonal()
+
+
+@pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
+def test_channels_last_input_gives_the_same_output(modulus_type):
+    torch.manual_seed(0)
+    block = ScatteringBlock(3, L=4, modulus_type=modulus_type)
+    x = torch.randn(2, 3, 16, 16)
+    expected = block(x)
+    channels_last = block.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(channels_last, expected, rtol=1e-5, atol=1e-5)
