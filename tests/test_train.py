@@ -360,7 +360,7 @@ def test_rms_scaled_extractor_learning_rates():
     assert len(groups) == len(params)
     reference = train.morlet_rms(model.config)
     for g, p in zip(groups, params):
-        assert g["lr"] == pytest.approx(1e-4 * float(p.pow(2).mean().sqrt()) / reference)
+        assert g["lr"] == pytest.approx(1e-4 * float(p.detach().pow(2).mean().sqrt()) / reference)
     dense_psi = model.blocks[1].psi_real.weight  # 15 -> 60 outputs, each sees 15 inputs, 1 of them non-zero
     block0_psi = model.blocks[0].psi_real.weight
     ratio = next(g["lr"] for g in groups if g["params"][0] is dense_psi) / next(
