@@ -208,8 +208,9 @@ def plot_data_efficiency(plt, table, path):
             rows = runs[(runs.arm == arm) & (runs.init == init)].dropna(subset=[column])
             if len(rows):
                 stats = rows.groupby("train_size")[column].agg(["mean", "std", "size"])
+                low, high = stats["size"].min(), stats["size"].max()
                 ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), fmt=style, capsize=3,
-                            label=f"{text} ({dataset}, n={stats['size'].min()}-{stats['size'].max()})")
+                            label=f"{text} ({dataset}, n={low if low == high else f'{low}-{high}'})")
     ax.set(xscale="log", xlabel="training images (log scale)", ylabel="test accuracy (%), mean +- std over seeds",
            title="Data efficiency: does starting from wavelets, then learning them, help?")
     ax.title.set_fontsize(9)
