@@ -278,8 +278,10 @@ def plot_delta_vs_gain(plt, table, path):
 def plot_curves(plt, exp, number, path):
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     offset = 0
+    curves = exp.get("curves") if isinstance(exp.get("curves"), dict) else {}
     for phase, style in (("phase_a", "o-"), ("phase_b", "s-"), ("joint", "d-")):
-        rows = (exp.get("curves") or {}).get(phase) or []
+        rows = [r for r in curves.get(phase) or [] if isinstance(r, dict)
+                and all(is_number(r.get(k)) for k in ("epoch", "val_acc", "train_loss"))]  # unusable rows: left out
         epochs = [offset + r["epoch"] for r in rows]
         acc_ax.plot(epochs, [r["val_acc"] for r in rows], style, markersize=3, label=f"{phase} val")
         loss_ax.plot(epochs, [r["train_loss"] for r in rows], style, markersize=3, label=f"{phase} train")

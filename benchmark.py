@@ -321,6 +321,8 @@ def main(args):
     device = train.pick_device(args.device, 0)
     if device.type == "cpu":
         keep_freed_memory()  # as train.py does on CPU
+    if args.threads is not None and args.threads < 1:
+        die(f"--threads must be >= 1, got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.epochs < 1:

@@ -224,6 +224,8 @@ def main(args, extra):
         die(f"--arm: unknown arm(s) {unknown}; choose from {list(ARMS)}")
     if args.jobs < 1:
         die(f"--jobs must be >= 1, got {args.jobs}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        die(f"--out {args.out} is a file, not a folder")
     grid = [(name, os.path.join(args.out, name), argv) for name, argv in cells(axes, shared, arms)]
     states = {name: state_of(save_dir) for name, save_dir, _ in grid}
     if args.print_commands:

@@ -222,3 +222,16 @@ def test_means_over_seeds_and_a_known_paired_t_test(real_run, tmp_path, capsys):
     assert "wavelet fine-tuned - frozen continuation" not in significance.index  # no such runs
     assert all(is_png(tmp_path / "plots" / name) for name in ("plot_data_efficiency.png", "plot_advantage.png"))
     assert "paired by seed" in out
+
+
+def test_curves_of_the_wrong_shape_are_left_out(real_run, tmp_path, capsys):
+    _, real = real_run
+    odd = write_variant(tmp_path, "odd", real, 500, 80.0, 82.0, 0.2)
+    odd["curves"] = {"phase_a": [{"epoch": 1}, "not a row"], "phase_b": [{"epoch": 1, "val_acc": "x", "train_loss": 1}]}
+    (tmp_path / "odd" / "results_20260101-000000.json").write_text(json.dumps(odd))
+    listed = write_variant(tmp_path, "listed", real, 500, 80.0, 82.0, 0.2)
+    listed["curves"] = [1, 2]
+    (tmp_path / "listed" / "results_20260101-000000.json").write_text(json.dumps(listed))
+    code, _, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--curves")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "plots" / "curves")) == ["curves_exp1.png", "curves_exp2.png"]
