@@ -1,5 +1,5 @@
 # make demo: set up, then the research question in miniature, offline (Fashion-MNIST, <10 min on 2 CPU cores).
-# make test: set up, then the whole test suite (~1 min on 2 CPU cores, after a ~3 min install).
+# make test: set up, then the whole test suite (~2 min on 2 CPU cores, after a ~3 min install).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
