@@ -128,6 +128,12 @@ def command(argv, save_dir, resume, threads=None):
 
 # ----------------------------------------------------------------------------- slots
 
+def default_sigint():
+    """In a cell's process: SIGINT stops it (stop() relies on it) even when the sweep was started with
+    SIGINT ignored, as a shell does for background jobs; Python then turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def parse_gpus(text):
     """['0', '1', ...] of CUDA_VISIBLE_DEVICES values, one per slot: '0,1' or '0-3:2' (two per GPU)."""
     try:
@@ -183,7 +189,8 @@ class Sweep:
         log_path, start = os.path.join(save_dir, "train.log"), time.perf_counter()
         with open(log_path, "a") as log:
             proc = subprocess.Popen(command(argv, save_dir, resume, self.threads), stdout=log,
-                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                                    stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=default_sigint)
             with self.lock:
                 self.running[name] = proc
             code = proc.wait()

@@ -65,7 +65,8 @@ def run_sweep(out, *flags):
 def test_a_sweep_interrupted_and_failing_carries_on_to_completion(tmp_path):
     flags = [*TINY, "--epochs", "4", "--train-size", "300,400,99999"]  # 99999 > 4000 images: that cell fails
     proc = subprocess.Popen([sys.executable, "sweep.py", "--out", str(tmp_path), *flags], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sweep.default_sigint)  # as from a terminal, also under `cmd &`
     first = tmp_path / "train-size=300"
     while not (first / "phase_a" / "last.pth").exists() and proc.poll() is None:
         time.sleep(0.01)

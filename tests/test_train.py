@@ -488,7 +488,8 @@ def test_malformed_torchrun_environment_is_one_line(tmp_path, capsys, monkeypatc
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", *SMALL, "--epochs", "50", "--save-dir", str(tmp_path)],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a shell's `&` ignores it
     while not (tmp_path / "phase_a" / "last.pth").exists() and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
