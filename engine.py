@@ -68,8 +68,10 @@ def train_one_epoch(model, loader, optimizer, device, epoch, amp=False, channels
     progress every ``print_freq`` batches, or None (non-main ranks).
     penalty: a callable returning a scalar added to the loss (L2-SP), or None;
     'loss' reports the cross-entropy alone. scheduler: stepped after every
-    optimizer step (per-step schedules), or None. Raises NonFiniteLoss as
-    soon as the loss is NaN or infinite, before the optimizer steps on it.
+    optimizer step (per-step schedules), or None. Raises NonFiniteLoss, naming
+    the first bad step, at the next check after the loss turns NaN or infinite
+    (every FINITE_CHECK_EVERY steps and at the epoch's end): the model may have
+    stepped on it by then, so the caller keeps its last epoch's checkpoint.
     """
     model.train()
     device = torch.device(device)

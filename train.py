@@ -399,17 +399,20 @@ def load_run_state(args, seed, last):
     return RunState(vars(args), last["json_path"], last["curves_all"], last["results"], start, last)
 
 
-def save_epoch(state, ckpt_dir, phase, epoch, model, stopper, improved, optimizer, scheduler):
-    """Persist one epoch: best.pth when it improved, last.pth (everything to resume), the results JSON."""
+def save_epoch(state, ckpt_dir, phase, epoch, model, model_state, stopper, improved, optimizer, scheduler):
+    """Persist one epoch: best.pth when it improved, last.pth (everything to resume), the results JSON.
+
+    model_state: the epoch's cpu_state(model), taken once for both checkpoints.
+    """
     if not is_main_process():
         return
     if improved:
         save_checkpoint(os.path.join(ckpt_dir, "best.pth"),
-                        make_checkpoint(model, cpu_state(model), phase, epoch, stopper.best, state.config))
+                        make_checkpoint(model, model_state, phase, epoch, stopper.best, state.config))
     training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "early_stopping": stopper.state_dict(), "finished": False, **state.checkpoint_fields()}
     save_checkpoint(os.path.join(ckpt_dir, "last.pth"),
-                    make_checkpoint(model, cpu_state(model), phase, epoch, stopper.best, state.config, training))
+                    make_checkpoint(model, model_state, phase, epoch, stopper.best, state.config, training))
     state.save()
 
 
@@ -528,9 +531,10 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
         main_print(f"{phase} epoch {epoch}/{epochs}: train loss {train['loss']:.4f} acc {train['acc']:.2f}% | "
                    f"val loss {val['loss']:.4f} acc {val['acc']:.2f}% (best {stopper.best:.2f}% @ {stopper.best_epoch})"
                    f" | lr {row['lr']:.2e} | {row['seconds']:.1f} s, {train['img_per_s']:.0f} img/s")
+        model_state = cpu_state(model)  # one copy per epoch: the best state, best.pth and last.pth share it
         if improved:
-            best_state = cpu_state(model)
-        save_epoch(state, ckpt_dir, phase, epoch, model, stopper, improved, optimizer, scheduler)
+            best_state = model_state
+        save_epoch(state, ckpt_dir, phase, epoch, model, model_state, stopper, improved, optimizer, scheduler)
     if stopper.should_stop:
         main_print(f"{phase}: early stop, no improvement for {args.patience} epochs")
     best_top5 = next(r["val_top5"] for r in state.curves[phase] if r["epoch"] == stopper.best_epoch)
