@@ -5,12 +5,16 @@
     # 2 CPU cores (BENCHMARKS.md): fixed per-channel ScatteringNet forward ~6x kymatio's throughput
     python benchmark.py --device cpu --threads 2 --training     # quick_check epoch: fast path vs DataLoader
     python benchmark.py --device cpu --threads 2 --accuracy     # same head on full Fashion-MNIST, both transforms
+    python benchmark.py --device cpu --threads 2 --accuracy --dataset folder --data-dir ../shared/data/cifar10-sample
 
 Speed rows: images/s and ms per batch (median of repeated calls after warm-up),
 peak memory on CUDA, and the ratio of images/s to kymatio's for the same case,
 batch and pass. Every system computes scattering features only (no classifier):
 ScatteringNet.features, kymatio's Scattering2D(J, shape, L=8), and a cascade of
 J pytorch_wavelets ScatLayer (DTCWT, 6 orientations). Results also go to --json.
+kymatio computes the paths of order <= 2 (its default max_order=2); the
+``-order2`` rows of ScatteringNet compute the same set (--max-order 2), the
+others every order up to J.
 """
 import argparse
 import os
@@ -18,10 +22,12 @@ import platform
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
 
+import data
 import quick_check
 import train
 from scattering_net import ModelConfig, ScatteringNet, count_parameters
@@ -30,7 +36,10 @@ from utils import die, keep_freed_memory, write_json
 # (channels, spatial size, J): the shapes of CIFAR-10, Fashion-MNIST and ImageNet.
 CASES = {"cifar": (3, 32, 2), "fmnist": (1, 28, 2), "imagenet2": (3, 224, 2), "imagenet4": (3, 224, 4)}
 # ScatteringNet configurations (ModelConfig fields beyond the case's shape; the rest are the defaults, K=7).
-OURS = {"ours-fixed-per-channel": dict(learnable=False, modulus_type="complex_modulus", mixing_horizon=1),
+FIXED = dict(learnable=False, modulus_type="complex_modulus", mixing_horizon=1)
+OURS = {"ours-fixed-per-channel": FIXED,
+        "ours-fixed-per-channel-order2": dict(FIXED, max_order=2),
+        "ours-fixed-full-resolution": dict(FIXED, modulus_resolution="full"),
         "ours-dense": dict(learnable=True, modulus_type="complex_modulus"),
         "ours-phase_relu": dict(learnable=True, modulus_type="phase_relu")}
 L_ORIENTATIONS = 8
@@ -55,6 +64,8 @@ def get_args_parser():
     parser.add_argument("--accuracy", action="store_true",
                         help="instead: fixed ScatteringNet vs kymatio, same BN + linear head, full Fashion-MNIST")
     parser.add_argument("--epochs", type=int, default=30, help="--accuracy: epochs for each model")
+    parser.add_argument("--dataset", default="fashion-mnist", choices=data.DATASETS, help="--accuracy: the data")
+    parser.add_argument("--data-dir", default="./data", help="--accuracy: its folder (as train.py's --data-dir)")
     parser.add_argument("--workers", type=int, default=2, help="--training: DataLoader workers")
     parser.add_argument("--min-seconds", type=float, default=2.0, help="speed: time each row for about this long")
     parser.add_argument("--json", default="benchmark_results.json", help="where to write the rows")
@@ -222,8 +233,9 @@ def markdown_table(rows):
 
 # ----------------------------------------------------------------------------- training side
 
-def quick_check_args(*flags):
-    return quick_check.get_args_parser().parse_args(["--dataset", "fashion-mnist", "--seed", "0", *flags])
+def quick_check_args(*flags, dataset="fashion-mnist", data_dir="./data"):
+    return quick_check.get_args_parser().parse_args(["--dataset", dataset, "--data-dir", data_dir, "--seed", "0",
+                                                     *flags])
 
 
 def training_rows(args, device):
@@ -261,26 +273,42 @@ class KymatioNet(nn.Module):
 
 
 def accuracy_rows(args, device):
-    """Both transforms frozen, the same head, loop, data, epochs and seed (quick_check.py's training)."""
+    """Every transform frozen, the same head, loop, data, epochs and seed (quick_check.py's training).
+
+    ScatteringNet (2 blocks, L=8, per channel) with the modulus after the
+    pooling (SPEC.md) and at full resolution, and kymatio's Scattering2D(J=2, L=8).
+    """
     rows = []
     run_args = quick_check_args("--epochs", str(args.epochs), "--print-freq", "0", "--device", str(device),
-                                "--mixing-horizon", "1", "--lr", "5e-3")
+                                "--mixing-horizon", "1", "--lr", "5e-3", dataset=args.dataset, data_dir=args.data_dir)
     env = train.setup(run_args, run_args.batch_size, lock_save_dir=False)  # it saves to temporary folders
     info = env["data"].info
-    ours = train.build_model(ModelConfig.from_args(run_args, info), run_args.seed, env["device"])
-    torch.manual_seed(run_args.seed)
-    theirs = KymatioNet(run_args.n_blocks, info.in_channels, info.spatial, info.nb_classes).to(env["device"])
-    for name, model in (("ScatteringNet (fixed, 2 blocks, L=8)", ours), ("kymatio Scattering2D(J=2, L=8)", theirs)):
+    models = []
+    if "ours" in args.systems:
+        for resolution in ("half", "full"):
+            config = ModelConfig.from_args(run_args, info)
+            models.append((f"ScatteringNet (fixed, 2 blocks, L=8, modulus at {resolution} resolution)",
+                           lambda c=config, r=resolution: train.build_model(
+                               replace(c, modulus_resolution=r), run_args.seed, env["device"])))
+    if "kymatio" in args.systems:
+        models.append(("kymatio Scattering2D(J=2, L=8)", lambda: kymatio_net(run_args, info, env["device"])))
+    for name, build in models:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as save_dir:
+            model = build()
             best, epoch, curves = quick_check.fit_single_phase(name, model, env, run_args, save_dir)
         rows.append({"model": name, "best_test_acc": best, "best_epoch": epoch, "epochs": len(curves),
-                     "seconds": time.perf_counter() - start, "head_params": sum(
-                         p.numel() for p in model.parameters() if p.requires_grad)})
+                     "seconds": time.perf_counter() - start, "dataset": args.dataset, "head_params": sum(p.numel() for p in model.parameters() if p.requires_grad)})
         print(f"{name}: best test accuracy {best:.2f}% (epoch {epoch}/{len(curves)}), "
               f"{rows[-1]['seconds']:.0f} s", flush=True)
-    print(f"difference: {rows[0]['best_test_acc'] - rows[1]['best_test_acc']:+.2f} points")
+    for r in rows[1:]:
+        print(f"{r['model']} - {rows[0]['model']}: {r['best_test_acc'] - rows[0]['best_test_acc']:+.2f} points")
     return rows
+
+
+def kymatio_net(run_args, info, device):
+    torch.manual_seed(run_args.seed)
+    return KymatioNet(run_args.n_blocks, info.in_channels, info.spatial, info.nb_classes).to(device)
 
 
 # ----------------------------------------------------------------------------- main

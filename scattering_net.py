@@ -6,6 +6,9 @@
 Block j maps (B, C_j, S/2^j, S/2^j) to (B, C_j(1+L), S/2^(j+1), S/2^(j+1)), so
 C_j = C_0 (1+L)^j: the cascade computes scattering paths of order <= J at
 scale 2^J (SPEC.md, "Connection to Fast Wavelet Transform and Scattering").
+With --max-order M only the paths with at most M band-pass filters are
+computed: sum_{k<=M} binom(J, k) L^k per input channel, 1 + JL + L^2 J(J-1)/2
+for M=2 (kymatio's Scattering2D(J, L, max_order=2) path count).
 """
 import argparse
 from dataclasses import dataclass, fields, replace
@@ -19,8 +22,9 @@ from utils import die
 # How the block weights start: the scattering transform's filters, or PyTorch's default initialisation.
 INITS = ("wavelet", "random")
 from wavelet_kernels import check_kernel_size
-from spatial_scattering import (MODULUS_TYPES, PADDING_MODES, ScatteringBlock, block_parameter_count,
-                                filter_movement, mixing_groups, wavelet_parameter_count)
+from spatial_scattering import (MODULUS_RESOLUTIONS, MODULUS_TYPES, PADDING_MODES, ScatteringBlock,
+                                block_parameter_count, filter_movement, mixing_groups, output_orders,
+                                wavelet_inputs, wavelet_parameter_count)
 
 
 @dataclass(frozen=True)
@@ -35,10 +39,14 @@ class BlockPlan:
     lowpass_only: bool
     wavelet_params: int
     params: int
+    in_orders: tuple = ()
+    wavelet_inputs: int = 0
 
     def describe(self):
         mixing = "dense" if self.groups == 1 else f"grouped ({self.groups} groups of {self.in_channels // self.groups})"
         path = ", low-pass only" if self.lowpass_only else ""
+        if not self.lowpass_only and self.wavelet_inputs < self.in_channels:  # the top order present is the limit
+            path = f", wavelets on the {self.wavelet_inputs:,} channels of order < {len(self.in_orders) - 1}"
         return (f"block {self.index}: {self.in_channels:,} -> {self.out_channels:,} channels, "
                 f"{self.in_spatial}x{self.in_spatial} -> {self.out_spatial}x{self.out_spatial}, "
                 f"{self.params:,} params ({self.wavelet_params:,} wavelet), {mixing}{path}")
@@ -69,6 +77,8 @@ class ModelConfig:
     padding_mode: str = "zeros"
     learnable: bool = True
     init: str = "wavelet"
+    max_order: Optional[int] = None
+    modulus_resolution: str = "half"
 
     @classmethod
     def from_args(cls, args, info=None):
@@ -102,6 +112,11 @@ def add_model_args(parser):
     group.add_argument("--lowpass-last", action="store_true", help="the last block outputs only its low-pass path")
     group.add_argument("--padding-mode", default=d.padding_mode, choices=PADDING_MODES,
                        help="border handling of the filters")
+    group.add_argument("--max-order", type=int, default=d.max_order,
+                       help="compute only the paths with at most this many band-pass filters (channels sorted by "
+                            "order); default: every order")
+    group.add_argument("--modulus-resolution", default=d.modulus_resolution, choices=MODULUS_RESOLUTIONS,
+                       help="half: pool, then modulus (SPEC.md); full: modulus at full resolution, then pool")
     group.add_argument("--init", default=d.init, choices=INITS,
                        help="wavelet: Morlet filters, average pooling, phase collapse 1/sqrt(2); random: PyTorch's "
                             "default (Kaiming-uniform) init of every block weight, same shapes")
@@ -135,15 +150,23 @@ def plan_blocks(config):
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {c.padding_mode!r}")
     if c.init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {c.init!r}")
-    plans, channels, spatial = [], c.in_channels, c.in_spatial
+    if c.modulus_resolution not in MODULUS_RESOLUTIONS:
+        raise ValueError(f"modulus_resolution must be one of {MODULUS_RESOLUTIONS}, got {c.modulus_resolution!r}")
+    if c.max_order is not None:
+        _positive_int("max_order", c.max_order)
+    plans, orders, spatial = [], (c.in_channels,), c.in_spatial
     for j in range(c.n_blocks):
         lowpass_only = c.lowpass_last and j == c.n_blocks - 1
-        out = channels if lowpass_only else channels * (1 + c.L)
+        channels, out = sum(orders), output_orders(orders, c.L, c.max_order, lowpass_only)
+        P = channels if lowpass_only else wavelet_inputs(orders, c.max_order)
+        groups = mixing_groups(channels, c.mixing_horizon)
+        mixing_groups(P, c.mixing_horizon, f"block {j}'s {P} input channels of order < {c.max_order}")
         plans.append(BlockPlan(
-            j, channels, out, spatial, spatial // 2, mixing_groups(channels, c.mixing_horizon), lowpass_only,
-            wavelet_parameter_count(channels, c.L, c.kernel_size, c.mixing_horizon, lowpass_only),
-            block_parameter_count(channels, c.L, c.kernel_size, c.modulus_type, c.mixing_horizon, lowpass_only)))
-        channels, spatial = out, spatial // 2
+            j, channels, sum(out), spatial, spatial // 2, groups, lowpass_only,
+            wavelet_parameter_count(channels, c.L, c.kernel_size, c.mixing_horizon, lowpass_only, P),
+            block_parameter_count(channels, c.L, c.kernel_size, c.modulus_type, c.mixing_horizon, lowpass_only, P),
+            orders, P))
+        orders, spatial = out, spatial // 2
     return plans
 
 
@@ -194,7 +217,9 @@ class ScatteringNet(nn.Module):
         self.plan = count_parameters(config)
         self.blocks = nn.Sequential(*[
             ScatteringBlock(b.in_channels, config.L, config.kernel_size, config.modulus_type, config.learnable,
-                            config.mixing_horizon, b.lowpass_only, config.padding_mode) for b in self.plan["blocks"]])
+                            config.mixing_horizon, b.lowpass_only, config.padding_mode, config.max_order,
+                            b.in_orders if config.max_order is not None else None, config.modulus_resolution)
+            for b in self.plan["blocks"]])
         if config.init == "random":  # the random-init control: same shapes, no wavelet in them
             for conv in self.blocks.modules():
                 if isinstance(conv, nn.Conv2d):

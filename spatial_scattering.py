@@ -17,6 +17,18 @@ one stride-2 convolution with the (K+1) x (K+1) kernel w * d (the full 2-D
 convolution of the two kernels). It is exact, learnable through both
 factors, and computes only the outputs that are kept (about a quarter of the
 multiply-adds). The parameters keep their own names in the state dict.
+
+Two options change the data flow:
+
+- ``max_order=M`` (with ``in_orders``, the input channels per path order,
+  sorted by order): the wavelets see only the input channels of order < M,
+  a contiguous prefix of P channels; the order-M channels pass through the
+  low-pass path only. The output is sorted by order again (order k: the
+  low-pass of the order-k inputs, then the wavelets of the order-(k-1) ones),
+  so the next block's prefix is contiguous too.
+- ``modulus_resolution='full'``: the wavelet responses are computed at full
+  resolution, the modulus (or phase ReLU) is taken there, and the 2 x 2
+  pooling comes after it, as kymatio does; the low-pass path stays fused.
 """
 import math
 
@@ -28,6 +40,8 @@ import torch.nn.functional as F
 import wavelet_kernels
 
 MODULUS_TYPES = ("complex_modulus", "phase_relu")
+# Where the modulus is taken: after the 2 x 2 pooling (SPEC.md's order) or before it, at full resolution.
+MODULUS_RESOLUTIONS = ("half", "full")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # relu(a) + relu(-a) = |a|, and (|a| + |b|) / sqrt(2) lies between |a + ib| / sqrt(2)
 # and |a + ib|: with 1/sqrt(2) on each rectified phase, phase_relu starts as the
@@ -42,11 +56,12 @@ N_PHASES = 4
 FFT_SIZE = 256
 
 
-def mixing_groups(in_channels, mixing_horizon):
+def mixing_groups(in_channels, mixing_horizon, what=None):
     """Number of groups of the wavelet convolutions for a mixing horizon.
 
     ``None`` or ``in_channels <= mixing_horizon``: 1 (dense). Otherwise
-    ``in_channels // mixing_horizon``, which must divide exactly.
+    ``in_channels // mixing_horizon``, which must divide exactly (``what``
+    names the channels in the error; default ``in_channels=<n>``).
     """
     if mixing_horizon is None:
         return 1
@@ -56,7 +71,7 @@ def mixing_groups(in_channels, mixing_horizon):
         return 1
     if in_channels % mixing_horizon:
         valid = [h for h in range(1, in_channels + 1) if in_channels % h == 0]
-        raise ValueError(f"mixing_horizon={mixing_horizon} does not divide in_channels={in_channels}; "
+        raise ValueError(f"mixing_horizon={mixing_horizon} does not divide {what or f'in_channels={in_channels}'}; "
                          f"valid values: {valid} (or any value >= {in_channels} for dense)")
     return in_channels // mixing_horizon
 
@@ -75,6 +90,27 @@ def block_diagonal_weight(kernels, in_channels, groups):
     c = torch.arange(in_channels)
     weight[c, :, c % per_group] = torch.as_tensor(kernels, dtype=torch.float64)
     return weight.reshape(in_channels * P, per_group, K, K)  # (C, P, C/g, K, K) -> (C*P, C/g, K, K)
+
+
+def output_orders(in_orders, L, max_order=None, lowpass_only=False):
+    """Channels per path order after one block, from ``in_orders`` (channels per order, order 0 first).
+
+    The order of a channel is the number of band-pass filters on its path.
+    Order k of the output holds the low-pass of the order-k inputs and the L
+    wavelet responses of each order-(k-1) input, if k-1 < max_order (None: no
+    limit). With max_order=2 and n blocks this gives 1 + nL + L^2 n(n-1)/2
+    channels per input channel, kymatio's path count at J=n.
+    """
+    if lowpass_only:
+        return tuple(in_orders)
+    n = [*in_orders, 0]
+    out = [n[0]] + [n[k] + (L * n[k - 1] if max_order is None or k - 1 < max_order else 0) for k in range(1, len(n))]
+    return tuple(out[:-1] if out[-1] == 0 else out)
+
+
+def wavelet_inputs(in_orders, max_order=None):
+    """How many input channels (the leading ones, sorted by order) get wavelets: those of order < max_order."""
+    return sum(in_orders if max_order is None else in_orders[:max_order])
 
 
 def compose_downsampling(weight, down):
@@ -120,35 +156,59 @@ class ScatteringBlock(nn.Module):
         Return S0 only (C_in channels); the band-pass filters are not built.
     padding_mode : {'zeros', 'reflect', 'replicate', 'circular'}
         Border handling of the K x K convolutions, as in ``nn.Conv2d``.
+    max_order : int or None
+        Apply the wavelets only to input channels of order < max_order, and
+        return the channels sorted by order; None: every channel, today's layout.
+    in_orders : tuple of int or None
+        Input channels per path order, order 0 first (sum: in_channels);
+        used with max_order. None: every input channel is of order 0.
+    modulus_resolution : {'half', 'full'}
+        Take the modulus after the 2 x 2 pooling (SPEC.md) or before it.
     """
 
     def __init__(self, in_channels, L=8, kernel_size=7, modulus_type="complex_modulus", learnable=True,
-                 mixing_horizon=None, lowpass_only=False, padding_mode="zeros"):
+                 mixing_horizon=None, lowpass_only=False, padding_mode="zeros", max_order=None, in_orders=None,
+                 modulus_resolution="half"):
         super().__init__()
+        self._check_options(in_channels, modulus_type, padding_mode, max_order, in_orders, modulus_resolution)
+        bank = wavelet_kernels.filter_bank(L, kernel_size)
+        self.in_channels, self.L, self.kernel_size = in_channels, L, kernel_size
+        self.modulus_type, self.lowpass_only, self.padding_mode = modulus_type, lowpass_only, padding_mode
+        self.mixing_horizon, self.max_order, self.modulus_resolution = mixing_horizon, max_order, modulus_resolution
+        self.in_orders = tuple(in_orders or (in_channels,))
+        self.out_orders = output_orders(self.in_orders, L, max_order, lowpass_only)
+        self.out_channels = sum(self.out_orders)
+        C = in_channels
+        P = self.wavelet_inputs = C if lowpass_only else wavelet_inputs(self.in_orders, max_order)
+        self.groups = mixing_groups(C, mixing_horizon)
+        self.psi_groups = mixing_groups(P, mixing_horizon, f"the {P} input channels of order < {max_order}")
+
+        self.phi_conv = self._wavelet_conv(C, bank["phi"][None], self.groups)
+        self.phi_pool = self._avg_pool_conv(C)
+        if not lowpass_only:
+            self.psi_real = self._wavelet_conv(P, bank["psi"].real, self.psi_groups)
+            self.psi_imag = self._wavelet_conv(P, bank["psi"].imag, self.psi_groups)
+            self.psi_pool = self._avg_pool_conv(P * L)
+            if modulus_type == "phase_relu":
+                self.phase_collapse = nn.Conv2d(N_PHASES * P * L, P * L, 1, groups=P * L, bias=False)
+                nn.init.constant_(self.phase_collapse.weight, PHASE_COLLAPSE_INIT)
+        self.requires_grad_(learnable)
+
+    @staticmethod
+    def _check_options(in_channels, modulus_type, padding_mode, max_order, in_orders, modulus_resolution):
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
         if modulus_type not in MODULUS_TYPES:
             raise ValueError(f"modulus_type must be one of {MODULUS_TYPES}, got {modulus_type!r}")
         if padding_mode not in PADDING_MODES:
             raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
-        bank = wavelet_kernels.filter_bank(L, kernel_size)
-        self.in_channels, self.L, self.kernel_size = in_channels, L, kernel_size
-        self.modulus_type, self.lowpass_only, self.padding_mode = modulus_type, lowpass_only, padding_mode
-        self.mixing_horizon = mixing_horizon
-        self.groups = mixing_groups(in_channels, mixing_horizon)
-        self.out_channels = in_channels if lowpass_only else in_channels * (1 + L)
-        C, CL = in_channels, in_channels * L
-
-        self.phi_conv = self._wavelet_conv(C, bank["phi"][None])
-        self.phi_pool = self._avg_pool_conv(C)
-        if not lowpass_only:
-            self.psi_real = self._wavelet_conv(CL, bank["psi"].real)
-            self.psi_imag = self._wavelet_conv(CL, bank["psi"].imag)
-            self.psi_pool = self._avg_pool_conv(CL)
-            if modulus_type == "phase_relu":
-                self.phase_collapse = nn.Conv2d(N_PHASES * CL, CL, 1, groups=CL, bias=False)
-                nn.init.constant_(self.phase_collapse.weight, PHASE_COLLAPSE_INIT)
-        self.requires_grad_(learnable)
+        if modulus_resolution not in MODULUS_RESOLUTIONS:
+            raise ValueError(f"modulus_resolution must be one of {MODULUS_RESOLUTIONS}, got {modulus_resolution!r}")
+        if max_order is not None and (not isinstance(max_order, int) or isinstance(max_order, bool) or max_order < 1):
+            raise ValueError(f"max_order must be a positive integer or None, got {max_order!r}")
+        if in_orders is not None and (max_order is None or sum(in_orders) != in_channels or min(in_orders) < 0):
+            raise ValueError(f"in_orders must count the {in_channels} input channels by order (with max_order), "
+                             f"got {in_orders!r}")
 
     def filter_convs(self):
         """The K x K convolutions by name: phi_conv, and psi_real, psi_imag unless lowpass_only."""
@@ -157,11 +217,11 @@ class ScatteringBlock(nn.Module):
             convs.update(psi_real=self.psi_real, psi_imag=self.psi_imag)
         return convs
 
-    def _wavelet_conv(self, out_channels, kernels):
-        conv = nn.Conv2d(self.in_channels, out_channels, self.kernel_size, padding="same", bias=False,
-                         groups=self.groups, padding_mode=self.padding_mode)
+    def _wavelet_conv(self, in_channels, kernels, groups):
+        conv = nn.Conv2d(in_channels, in_channels * len(kernels), self.kernel_size, padding="same", bias=False,
+                         groups=groups, padding_mode=self.padding_mode)
         with torch.no_grad():
-            conv.weight.copy_(block_diagonal_weight(kernels, self.in_channels, self.groups))
+            conv.weight.copy_(block_diagonal_weight(kernels, in_channels, groups))
         return conv
 
     @staticmethod
@@ -170,8 +230,13 @@ class ScatteringBlock(nn.Module):
         nn.init.constant_(conv.weight, AVG_POOL_2X2)
         return conv
 
+    @property
+    def single_convolution(self):
+        """True when one strided convolution computes the whole block: every input gets wavelets, modulus at half."""
+        return self.lowpass_only or (self.wavelet_inputs == self.in_channels and self.modulus_resolution == "half")
+
     def fused_weight(self, groups=None):
-        """The composed stride-2 kernels of [phi, psi_real, psi_imag], ordered by group.
+        """The composed stride-2 kernels of [phi, psi_real, psi_imag], ordered by group (single_convolution only).
 
         Returns (g * (C + 2CL) / g, C/g, K+1, K+1): for grouped convolutions
         the output channels of each group must be contiguous, so the three
@@ -179,24 +244,34 @@ class ScatteringBlock(nn.Module):
         keeps only each output's own input channel: equal to the block's
         convolution only while the weights are block-diagonal.
         """
-        g = groups or self.groups
-        convs = [(self.phi_conv, self.phi_pool)]
+        pairs = [(self.phi_conv, self.phi_pool)]
         if not self.lowpass_only:
-            convs += [(self.psi_real, self.psi_pool), (self.psi_imag, self.psi_pool)]
-        parts = [compose_downsampling(self._planes(conv.weight, g), pool.weight) for conv, pool in convs]
-        per_group = [w.reshape(g, -1, *w.shape[1:]) for w in parts]  # (O, I/g, k, k) -> (g, O/g, I/g, k, k)
+            pairs += [(self.psi_real, self.psi_pool), (self.psi_imag, self.psi_pool)]
+        return self._grouped_weight(pairs, groups or self.groups)
+
+    def _grouped_weight(self, pairs, groups, downsample=True):
+        """[(conv, pool)] over the same inputs as one weight with ``groups`` groups, outputs interleaved by group.
+
+        downsample: compose each conv with its 2 x 2 stride-2 pool (for a
+        stride-2 convolution); otherwise the K x K kernels alone.
+        """
+        parts = [self._planes(conv, groups) for conv, _ in pairs]
+        if downsample:
+            parts = [compose_downsampling(w, pool.weight) for w, (_, pool) in zip(parts, pairs)]
+        per_group = [w.reshape(groups, -1, *w.shape[1:]) for w in parts]  # (O, I/g, k, k) -> (g, O/g, I/g, k, k)
         return torch.cat(per_group, dim=1).flatten(0, 1)  # (g, sum O/g, I/g, k, k) -> (g*sum O/g, I/g, k, k)
 
-    def _planes(self, weight, groups):
-        """weight (O, C/self.groups, K, K) as the weight of a convolution with ``groups`` groups."""
-        if groups == self.groups:
-            return weight
-        return weight[self._own_input(weight)].unsqueeze(1)  # (O, C/g, K, K) -> (O, 1, K, K)
+    def _planes(self, conv, groups):
+        """conv's weight (O, I/conv.groups, K, K) as the weight of a convolution with ``groups`` groups."""
+        if groups == conv.groups:
+            return conv.weight
+        return conv.weight[self._own_input(conv)].unsqueeze(1)  # (O, I/g, K, K) -> (O, 1, K, K)
 
-    def _own_input(self, weight):
+    @staticmethod
+    def _own_input(conv):
         """Index (outputs, in-group input) of each output's own input channel: c for outputs c*P + p."""
-        out = torch.arange(len(weight), device=weight.device)
-        return out, out // (len(weight) // self.in_channels) % (self.in_channels // self.groups)
+        out = torch.arange(conv.out_channels, device=conv.weight.device)
+        return out, out // (conv.out_channels // conv.in_channels) % (conv.in_channels // conv.groups)
 
     def is_frozen_block_diagonal(self):
         """True when no weight trains and every output sees only its own input channel (as at init).
@@ -205,18 +280,18 @@ class ScatteringBlock(nn.Module):
         C/g times fewer multiply-adds. Cached until a weight changes (in-place
         updates bump a tensor's version counter; moves change its storage).
         """
-        weights = [conv.weight for conv in self.filter_convs().values()]
-        if self.groups == self.in_channels or any(w.requires_grad for w in weights):
+        convs = list(self.filter_convs().values())
+        if all(conv.groups == conv.in_channels for conv in convs) or any(c.weight.requires_grad for c in convs):
             return False
-        key = tuple((w.data_ptr(), w._version) for w in weights)
+        key = tuple((c.weight.data_ptr(), c.weight._version) for c in convs)
         if getattr(self, "_diagonal_cache", (None,))[0] != key:
-            self._diagonal_cache = (key, all(self._off_diagonal_is_zero(w) for w in weights))
+            self._diagonal_cache = (key, all(self._off_diagonal_is_zero(c) for c in convs))
         return self._diagonal_cache[1]
 
-    def _off_diagonal_is_zero(self, weight):
-        off_diagonal = torch.ones(weight.shape[:2], dtype=torch.bool, device=weight.device)
-        off_diagonal[self._own_input(weight)] = False
-        return not bool(weight[off_diagonal].any())
+    def _off_diagonal_is_zero(self, conv):
+        off_diagonal = torch.ones(conv.weight.shape[:2], dtype=torch.bool, device=conv.weight.device)
+        off_diagonal[self._own_input(conv)] = False
+        return not bool(conv.weight[off_diagonal].any())
 
     def _check_input(self, x):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
@@ -234,19 +309,47 @@ class ScatteringBlock(nn.Module):
     def forward(self, x):
         self._check_input(x)
         x, padding = self._pad(x)
-        g = self.in_channels if self.is_frozen_block_diagonal() else self.groups
-        y = F.conv2d(x, self.fused_weight(g), stride=2, padding=padding, groups=g)
-        B, _, H, W = y.shape
-        C, CL = self.in_channels, self.in_channels * self.L
-        if self.lowpass_only:
-            return y
-        y = y.view(B, g, (C + 2 * CL) // g, H, W)  # (B, g*(C+2CL)/g, H, W) -> (B, g, (C+2CL)/g, H, W)
-        S0, re, im = y.split([C // g, CL // g, CL // g], dim=2)
-        S0, re, im = (t.reshape(B, -1, H, W) for t in (S0, re, im))  # (B, g, n/g, H, W) -> (B, n, H, W)
-        return torch.cat([S0, self.phase_modulus(re, im)], dim=1)
+        per_channel = self.is_frozen_block_diagonal()
+        if self.single_convolution:
+            g = self.in_channels if per_channel else self.groups
+            y = F.conv2d(x, self.fused_weight(g), stride=2, padding=padding, groups=g)
+            if self.lowpass_only:
+                return y
+            C, CL = self.in_channels, self.in_channels * self.L
+            S0, re, im = split_groups(y, g, [C // g, CL // g, CL // g])
+            return torch.cat([S0, self.phase_modulus(re, im)], dim=1)
+        g = self.in_channels if per_channel else self.groups
+        S0 = F.conv2d(x, self._grouped_weight([(self.phi_conv, self.phi_pool)], g), stride=2, padding=padding,
+                      groups=g)
+        return self._by_order(S0, self._band_pass(x, padding, per_channel))
+
+    def _band_pass(self, x, padding, per_channel):
+        """S1 of the input channels of order < max_order: (B, P*L, M/2, N/2), P = wavelet_inputs."""
+        P = self.wavelet_inputs
+        g = P if per_channel else self.psi_groups
+        pairs = [(self.psi_real, self.psi_pool), (self.psi_imag, self.psi_pool)]
+        x = x[:, :P]  # (B, C, M, N) -> (B, P, M, N): the channels of order < max_order
+        if self.modulus_resolution == "half":
+            y = F.conv2d(x, self._grouped_weight(pairs, g), stride=2, padding=padding, groups=g)
+            return self.phase_modulus(*split_groups(y, g, [P * self.L // g] * 2))
+        y = F.conv2d(x, self._grouped_weight(pairs, g, downsample=False), padding=padding, groups=g)
+        return self.psi_pool(self.phase_modulus(*split_groups(y, g, [P * self.L // g] * 2)))
+
+    def _by_order(self, S0, S1):
+        """cat(S0, S1) with the channels sorted by order (max_order) or in SPEC.md's order (no limit)."""
+        if self.max_order is None:
+            return torch.cat([S0, S1], dim=1)
+        starts = np.cumsum([0, *self.in_orders])
+        pieces = []
+        for k in range(len(self.out_orders)):
+            if k < len(self.in_orders):  # the low-pass of the order-k inputs
+                pieces.append(S0[:, starts[k]:starts[k + 1]])
+            if 0 < k <= self.max_order:  # the wavelets of the order-(k-1) inputs, c*L + l
+                pieces.append(S1[:, self.L * starts[k - 1]:self.L * starts[k]])
+        return torch.cat(pieces, dim=1)
 
     def phase_modulus(self, re, im):
-        """S1 from the downsampled real and imaginary parts, both (B, C*L, H, W)."""
+        """S1 from the real and imaginary parts, both (B, C*L, H, W)."""
         if self.modulus_type == "complex_modulus":
             return safe_modulus(re, im)
         B, CL, H, W = re.shape
@@ -258,44 +361,55 @@ class ScatteringBlock(nn.Module):
     def diagonal_filters(self):
         """What each output sees of its own input channel, as NumPy arrays.
 
-        Returns {'phi': (C, K, K), 'psi': (C, L, K, K) complex = psi_real + i psi_imag}
-        (no 'psi' when lowpass_only). At init these are the Morlet filter bank
-        repeated per channel; after training the planes that mix channels are
-        left out (filter_delta_* in engine.py measures the whole weights).
+        Returns {'phi': (C, K, K), 'psi': (P, L, K, K) complex = psi_real + i psi_imag}
+        (P = wavelet_inputs; no 'psi' when lowpass_only). At init these are the
+        Morlet filter bank repeated per channel; after training the planes that
+        mix channels are left out (filter_delta_* in engine.py measures the whole weights).
         """
-        C, per_group = self.in_channels, self.in_channels // self.groups
-        c = torch.arange(C)
-        out = {"phi": self.phi_conv.weight[c, c % per_group].double().cpu().numpy()}
+        out = {"phi": self.phi_conv.weight[self._own_input(self.phi_conv)].double().cpu().numpy()}
         if not self.lowpass_only:
-            rows = (c[:, None] * self.L + torch.arange(self.L)).flatten()  # output c*L + l
-            cols = c.repeat_interleave(self.L) % per_group  # its own input channel
-            planes = [w[rows, cols].double().cpu().numpy().reshape(C, self.L, self.kernel_size, self.kernel_size)
-                      for w in (self.psi_real.weight, self.psi_imag.weight)]  # (C*L, K, K) -> (C, L, K, K)
+            K = self.kernel_size
+            planes = [conv.weight[self._own_input(conv)].double().cpu().numpy().reshape(-1, self.L, K, K)
+                      for conv in (self.psi_real, self.psi_imag)]  # (P*L, K, K) -> (P, L, K, K)
             out["psi"] = planes[0] + 1j * planes[1]
         return out
 
     def extra_repr(self):
+        orders = (f", max_order={self.max_order}, in_orders={self.in_orders}" if self.max_order is not None else "")
         return (f"in_channels={self.in_channels}, L={self.L}, kernel_size={self.kernel_size}, "
                 f"modulus_type={self.modulus_type!r}, groups={self.groups}, lowpass_only={self.lowpass_only}, "
-                f"padding_mode={self.padding_mode!r}")
+                f"padding_mode={self.padding_mode!r}, modulus_resolution={self.modulus_resolution!r}{orders}")
 
 
-def wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon=None, lowpass_only=False):
-    """Weights of phi_conv + psi_real + psi_imag, as SPEC.md's mixing-horizon table counts them."""
-    groups = mixing_groups(in_channels, mixing_horizon)
-    out_channels = in_channels if lowpass_only else in_channels * (1 + 2 * L)
-    return out_channels * (in_channels // groups) * kernel_size ** 2
+def split_groups(y, groups, sizes):
+    """Split a grouped convolution's output by filter set: (B, g*sum(sizes), H, W) -> [(B, g*size, H, W)]."""
+    B, _, H, W = y.shape
+    parts = y.view(B, groups, sum(sizes), H, W).split(sizes, dim=2)  # (B, g*n, H, W) -> (B, g, n, H, W)
+    return [t.reshape(B, -1, H, W) for t in parts]  # (B, g, size, H, W) -> (B, g*size, H, W)
+
+
+def wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon=None, lowpass_only=False, wavelet_inputs=None):
+    """Weights of phi_conv + psi_real + psi_imag, as SPEC.md's mixing-horizon table counts them.
+
+    wavelet_inputs: the input channels that get wavelets (max_order); default all.
+    """
+    C, P = in_channels, in_channels if wavelet_inputs is None else wavelet_inputs
+    n = C * (C // mixing_groups(C, mixing_horizon)) * kernel_size ** 2
+    if not lowpass_only:
+        n += 2 * P * L * (P // mixing_groups(P, mixing_horizon)) * kernel_size ** 2
+    return n
 
 
 def block_parameter_count(in_channels, L, kernel_size, modulus_type="complex_modulus", mixing_horizon=None,
-                          lowpass_only=False):
+                          lowpass_only=False, wavelet_inputs=None):
     """All parameters of a ScatteringBlock, computed without building it."""
-    n = wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon, lowpass_only)
+    P = in_channels if wavelet_inputs is None else wavelet_inputs
+    n = wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon, lowpass_only, P)
     n += in_channels * 4  # phi_pool: depthwise 2 x 2
     if not lowpass_only:
-        n += in_channels * L * 4  # psi_pool: depthwise 2 x 2
+        n += P * L * 4  # psi_pool: depthwise 2 x 2
         if modulus_type == "phase_relu":
-            n += in_channels * L * N_PHASES  # phase_collapse: grouped 1 x 1
+            n += P * L * N_PHASES  # phase_collapse: grouped 1 x 1
     return n
 
 

@@ -32,7 +32,7 @@ def test_ours_only_speed_run_writes_json(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     saved = json.loads(out.read_text())
-    assert saved["kind"] == "speed" and len(saved["rows"]) == 6  # 3 configurations x 2 passes
+    assert saved["kind"] == "speed" and len(saved["rows"]) == 10  # 5 configurations x 2 passes
     assert all(r["img_per_s"] > 0 and r["ratio_to_kymatio"] is None for r in saved["rows"])
     assert "| fmnist | ours-fixed-per-channel | 2 | forward |" in proc.stdout
 
@@ -55,3 +55,31 @@ def test_an_unwritable_json_path_stops_before_measuring(tmp_path, capsys):
     assert e.value.code == 2
     assert capsys.readouterr() == ("", f"error: --json {tmp_path}/no/such/x.json: the folder {tmp_path}/no/such does "
                                        f"not exist\n")
+
+
+def test_order2_rows_compute_kymatios_path_count():
+    config = benchmark.ours_config("ours-fixed-per-channel-order2", "imagenet4")
+    assert config.max_order == 2 and not config.learnable
+    channels = benchmark.count_parameters(config)["classifier_channels"]
+    assert channels == 3 * (1 + 4 * 8 + 8 ** 2 * 4 * 3 // 2) == 3 * 417  # kymatio's J=4, L=8, max_order=2
+
+
+def test_accuracy_compares_both_modulus_resolutions_on_a_folder(tmp_path, capsys):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 4)):
+        for label in ("a", "b"):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / label / f"{i}.png")
+    args = benchmark.get_args_parser().parse_args(
+        ["--accuracy", "--epochs", "1", "--systems", "ours", "--dataset", "folder", "--data-dir", str(tmp_path),
+         "--threads", "1", "--json", str(tmp_path / "acc.json")])
+    benchmark.main(args)
+    rows = json.loads((tmp_path / "acc.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["ScatteringNet (fixed, 2 blocks, L=8, modulus at half resolution)",
+                                          "ScatteringNet (fixed, 2 blocks, L=8, modulus at full resolution)"]
+    assert all(r["dataset"] == "folder" and r["epochs"] == 1 and 0 <= r["best_test_acc"] <= 100 for r in rows)
+    assert rows[0]["head_params"] == rows[1]["head_params"]  # same features, same head

@@ -1,3 +1,5 @@
+import itertools
+import math
 import subprocess
 import sys
 from dataclasses import asdict
@@ -187,3 +189,70 @@ def test_cuda_forward_equals_cpu_and_a_cuda_checkpoint_loads_on_cpu(tmp_path):
     restored = ScatteringNet(Config(L=4, modulus_type="phase_relu"))
     restored.load_state_dict(utils.load_checkpoint(str(tmp_path / "best.pth"))["state_dict"])
     torch.testing.assert_close(restored(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def brute_force_paths(n_blocks, L, max_order):
+    """Every path through n blocks (low-pass or one of L wavelets per block) with at most max_order wavelets."""
+    return [p for p in itertools.product(range(L + 1), repeat=n_blocks) if sum(c > 0 for c in p) <= max_order]
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("L", [2, 4, 8])
+@pytest.mark.parametrize("max_order", [1, 2, 3])
+def test_order_limited_channel_counts(n_blocks, L, max_order):
+    plan = count_parameters(Config(n_blocks=n_blocks, L=L, in_channels=3, in_spatial=64, max_order=max_order))
+    channels = plan["blocks"][-1].out_channels
+    assert channels == 3 * len(brute_force_paths(n_blocks, L, max_order))
+    assert channels == 3 * sum(math.comb(n_blocks, k) * L ** k for k in range(max_order + 1))
+    if max_order == 2:  # kymatio's count for Scattering2D(J=n, L, max_order=2)
+        assert channels == 3 * (1 + n_blocks * L + L ** 2 * n_blocks * (n_blocks - 1) // 2)
+    if max_order >= n_blocks:
+        assert channels == 3 * (1 + L) ** n_blocks
+
+
+def all_orders_layout(in_channels, L, n_blocks):
+    """Path order of every output channel in SPEC.md's layout: cat(S0 of every input, S1 as c*L + l)."""
+    orders = [0] * in_channels
+    for _ in range(n_blocks):
+        orders = orders + [o + 1 for o in orders for _ in range(L)]
+    return torch.tensor(orders)
+
+
+@pytest.mark.parametrize("learnable,max_order,resolution", [(False, 2, "half"), (True, 2, "half"),
+                                                            (False, 1, "full"), (True, 2, "full")])
+def test_order_limited_net_is_the_all_orders_net_restricted(learnable, max_order, resolution):
+    """The fixed per-channel transform with --max-order M is exactly the cascade's paths of order <= M, sorted."""
+    torch.manual_seed(0)
+    common = dict(n_blocks=3, L=3, in_channels=2, in_spatial=24, kernel_size=5, learnable=learnable,
+                  modulus_type="phase_relu", modulus_resolution=resolution)
+    x = torch.randn(2, 2, 24, 24, dtype=torch.float64)
+    limited = ScatteringNet(Config(max_order=max_order, **common)).double().features(x)
+    every = ScatteringNet(Config(**common)).double().features(x)
+    orders = all_orders_layout(2, 3, 3)
+    kept = every[:, orders <= max_order].flatten(2)  # (B, C_M, H*W): the paths of order <= M
+    flat = limited.flatten(2)  # (B, C_M, H*W)
+    assert flat.shape == kept.shape
+    distance = (flat[:, :, None] - kept[:, None]).abs().amax(dim=(0, 3))  # (C_M, C_M)
+    match = distance.argmin(dim=1)
+    assert distance.min(dim=1).values.max() < 1e-10 and len(set(match.tolist())) == len(match)  # a bijection
+    limited_orders = orders[orders <= max_order][match]
+    assert torch.equal(limited_orders, limited_orders.sort().values)  # channels sorted by order
+
+
+def test_order_limit_in_the_plan_and_its_errors():
+    plan = count_parameters(Config(n_blocks=3, L=8, max_order=2, modulus_type="phase_relu"))
+    assert [b.wavelet_inputs for b in plan["blocks"]] == [3, 27, 51]  # orders 0-1: 3 + 24 + 24
+    assert [b.out_channels for b in plan["blocks"]] == [27, 243, 651]  # 3 x (1 + 24 + 192)
+    assert plan["blocks"][2].describe().endswith("dense, wavelets on the 51 channels of order < 2")
+    model = ScatteringNet(Config(n_blocks=3, L=8, max_order=2, modulus_type="phase_relu"))
+    assert sum(p.numel() for p in model.parameters()) == plan["n_params_total"]
+    with pytest.raises(ValueError) as e:
+        count_parameters(Config(n_blocks=3, L=8, max_order=2, mixing_horizon=27))
+    assert str(e.value) == ("mixing_horizon=27 does not divide block 2's 51 input channels of order < 2; valid values: "
+                            "[1, 3, 17, 51] (or any value >= 51 for dense)")
+    for field, value, message in (("max_order", 0, "max_order must be a positive integer, got 0"),
+                                  ("modulus_resolution", "x", "modulus_resolution must be one of ('half', 'full'), "
+                                                              "got 'x'")):
+        with pytest.raises(ValueError) as e:
+            count_parameters(Config(**{field: value}))
+        assert str(e.value) == message

@@ -7,22 +7,30 @@ import torch.nn.functional as F
 
 import wavelet_kernels as wk
 from spatial_scattering import (ScatteringBlock, block_parameter_count, compose_downsampling, filter_movement,
-                                mixing_groups)
+                                mixing_groups, output_orders)
+
+
+def reference_modulus(block, re, im):
+    if block.modulus_type == "complex_modulus":
+        return torch.sqrt(re ** 2 + im ** 2)
+    B, CL, H, W = re.shape
+    phases = torch.stack([F.relu(re), F.relu(-re), F.relu(im), F.relu(-im)], dim=2)
+    return block.phase_collapse(phases.reshape(B, 4 * CL, H, W))
 
 
 def reference_forward(block, x):
-    """The spec's data flow with the block's own modules, one step at a time (no fusion)."""
+    """The block's data flow with its own modules, one step at a time (no fusion, no per-group weights)."""
     S0 = block.phi_pool(block.phi_conv(x))
     if block.lowpass_only:
         return S0
-    re, im = block.psi_pool(block.psi_real(x)), block.psi_pool(block.psi_imag(x))
-    if block.modulus_type == "complex_modulus":
-        S1 = torch.sqrt(re ** 2 + im ** 2)
-    else:
-        B, CL, H, W = re.shape
-        phases = torch.stack([F.relu(re), F.relu(-re), F.relu(im), F.relu(-im)], dim=2)
-        S1 = block.phase_collapse(phases.reshape(B, 4 * CL, H, W))
-    return torch.cat([S0, S1], dim=1)
+    xw = x[:, :block.wavelet_inputs]
+    if block.modulus_resolution == "half":  # SPEC.md: pool, then modulus
+        S1 = reference_modulus(block, block.psi_pool(block.psi_real(xw)), block.psi_pool(block.psi_imag(xw)))
+    else:  # modulus at full resolution, then pool
+        S1 = block.psi_pool(reference_modulus(block, block.psi_real(xw), block.psi_imag(xw)))
+    if block.max_order is None:
+        return torch.cat([S0, S1], dim=1)
+    return block._by_order(S0, S1)
 
 
 def per_channel_scattering(x, L, K, padding_mode="zeros"):
@@ -64,6 +72,61 @@ def test_fused_forward_equals_step_by_step(padding_mode, mixing_horizon, modulus
     torch.testing.assert_close(block(x), reference_forward(block, x), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+@pytest.mark.parametrize("mixing_horizon", [None, 1, 3])
+@pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
+@pytest.mark.parametrize("orders,resolution", [(None, "full"), ((1, 2, 3), "half"), ((1, 2, 3), "full"),
+                                                 ((3, 3), "half")])
+def test_order_limited_and_full_resolution_forward_equals_step_by_step(padding_mode, mixing_horizon, modulus_type,
+                                                                         orders, resolution):
+    torch.manual_seed(0)
+    block = ScatteringBlock(6, L=3, kernel_size=5, modulus_type=modulus_type, mixing_horizon=mixing_horizon,
+                            padding_mode=padding_mode, max_order=orders and 2, in_orders=orders,
+                            modulus_resolution=resolution).double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(2, 6, 11, 10, dtype=torch.float64)
+    out = block(x)
+    assert out.shape == (2, block.out_channels, 5, 5)
+    torch.testing.assert_close(out, reference_forward(block, x), rtol=1e-10, atol=1e-10)
+
+
+def test_order_limit_channels_and_filters():
+    block = ScatteringBlock(6, L=3, kernel_size=5, max_order=2, in_orders=(1, 2, 3))
+    assert block.wavelet_inputs == 3 and block.psi_real.weight.shape == (9, 3, 5, 5)
+    assert block.out_orders == output_orders((1, 2, 3), 3, 2) == (1, 2 + 3, 3 + 6)  # no order 3
+    assert block.out_channels == 15 == block(torch.randn(1, 6, 8, 8)).shape[1]
+    assert output_orders((1, 2, 3), 3) == (1, 5, 9, 9)  # no limit: the order-2 inputs make order 3
+    assert output_orders((4,), 8, 1) == (4, 32) and output_orders((4, 32), 8, 1) == (4, 64)
+
+
+def test_dense_wavelets_never_see_the_channels_at_the_order_limit():
+    """Learnt, dense filters cannot break the limit: the order-2 inputs reach the output through phi only."""
+    torch.manual_seed(0)
+    block = ScatteringBlock(6, L=3, max_order=2, in_orders=(1, 2, 3))
+    for conv in block.modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            conv.reset_parameters()  # dense, nothing of the init's structure left
+    with torch.no_grad():
+        block.phi_conv.weight.zero_()
+    x = torch.randn(2, 6, 12, 12)
+    moved = x.clone()
+    moved[:, 3:] = torch.randn(2, 3, 12, 12)  # the order-2 channels
+    torch.testing.assert_close(block(moved), block(x))
+    assert not torch.allclose(block(moved.flip(1)), block(x))  # the lower orders do matter
+
+
+def test_full_resolution_takes_the_modulus_before_the_pooling():
+    """A wavelet response whose carrier the 2 x 2 mean cancels: |mean(z)| < mean(|z|), kymatio's order keeps the envelope."""
+    x = torch.randn(1, 1, 16, 16)
+    half = ScatteringBlock(1, L=4, max_order=None)
+    full = ScatteringBlock(1, L=4, modulus_resolution="full")
+    S1_half, S1_full = half(x)[:, 1:], full(x)[:, 1:]
+    assert (S1_full >= S1_half - 1e-6).all() and (S1_full - S1_half).mean() > 0.05 * S1_full.mean()
+    torch.testing.assert_close(full(x)[:, :1], half(x)[:, :1])  # the low-pass path is the same
+
+
 def test_compose_downsampling_is_conv_then_pool():
     torch.manual_seed(0)
     w, d = torch.randn(6, 2, 3, 3, dtype=torch.float64), torch.randn(6, 1, 2, 2, dtype=torch.float64)
@@ -102,9 +165,11 @@ def test_phase_relu_at_init_is_within_sqrt2_of_the_modulus():
 
 @pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
-def test_gradcheck_float64(modulus_type, padding_mode):
+@pytest.mark.parametrize("options", [{}, {"max_order": 1, "in_orders": (1, 1), "modulus_resolution": "full"}])
+def test_gradcheck_float64(modulus_type, padding_mode, options):
     torch.manual_seed(0)
-    block = ScatteringBlock(2, L=2, kernel_size=3, modulus_type=modulus_type, padding_mode=padding_mode).double()
+    block = ScatteringBlock(2, L=2, kernel_size=3, modulus_type=modulus_type, padding_mode=padding_mode,
+                            **options).double()
     x = torch.randn(2, 2, 6, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(block, (x,))
 
@@ -146,6 +211,9 @@ def test_mixing_horizon_groups_and_parameter_counts():
     for kwargs in ({}, {"mixing_horizon": 4}, {"modulus_type": "phase_relu"}, {"lowpass_only": True}):
         b = ScatteringBlock(12, L=2, kernel_size=3, **kwargs)
         assert sum(p.numel() for p in b.parameters()) == block_parameter_count(12, 2, 3, **kwargs)
+    for kwargs in ({}, {"mixing_horizon": 4}, {"modulus_type": "phase_relu"}):
+        b = ScatteringBlock(12, L=2, kernel_size=3, max_order=1, in_orders=(4, 8), **kwargs)
+        assert sum(p.numel() for p in b.parameters()) == block_parameter_count(12, 2, 3, wavelet_inputs=4, **kwargs)
 
 
 def test_mixing_horizon_that_does_not_divide_lists_valid_values():
@@ -187,11 +255,22 @@ def test_batch_shape_independence():
     ({"padding_mode": "mirror"}, "padding_mode must be one of ('zeros', 'reflect', 'replicate', 'circular'), got 'mirror'"),
     ({"kernel_size": 4}, "kernel size K must be a positive odd integer (the grid is centred on 0), got 4"),
     ({"L": 0}, "number of orientations L must be an integer >= 1, got 0"),
+    ({"max_order": 0}, "max_order must be a positive integer or None, got 0"),
+    ({"max_order": 2, "in_orders": (1, 1)}, "in_orders must count the 3 input channels by order (with max_order), "
+                                             "got (1, 1)"),
+    ({"modulus_resolution": "quarter"}, "modulus_resolution must be one of ('half', 'full'), got 'quarter'"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError) as e:
         ScatteringBlock(3, **kwargs)
     assert str(e.value) == message
+
+
+def test_mixing_horizon_must_divide_the_channels_that_get_wavelets():
+    with pytest.raises(ValueError) as e:
+        ScatteringBlock(6, mixing_horizon=2, max_order=1, in_orders=(3, 3))
+    assert str(e.value) == ("mixing_horizon=2 does not divide the 3 input channels of order < 1; valid values: "
+                            "[1, 3] (or any value >= 3 for dense)")
 
 
 def test_bad_input_shape():
@@ -226,17 +305,21 @@ def test_filter_movement_sees_a_rotated_wavelet():
 def trainable_twin(block):
     """The same block with trainable weights: it always runs the block's own (dense or grouped) convolution."""
     twin = ScatteringBlock(block.in_channels, block.L, block.kernel_size, block.modulus_type, True,
-                           block.mixing_horizon, block.lowpass_only, block.padding_mode)
+                           block.mixing_horizon, block.lowpass_only, block.padding_mode, block.max_order,
+                           block.max_order and block.in_orders, block.modulus_resolution)
     twin.load_state_dict(block.state_dict())
     return twin
 
 
-@pytest.mark.parametrize("mixing_horizon,lowpass_only,modulus_type", [
-    (None, False, "complex_modulus"), (3, False, "phase_relu"), (None, True, "complex_modulus")])
-def test_frozen_block_diagonal_runs_per_channel_with_the_same_output(mixing_horizon, lowpass_only, modulus_type):
+FROZEN_CASES = [dict(), dict(mixing_horizon=3, modulus_type="phase_relu"), dict(lowpass_only=True),
+                dict(max_order=2, in_orders=(1, 2, 3)), dict(modulus_resolution="full", modulus_type="phase_relu"),
+                dict(max_order=1, in_orders=(3, 3), modulus_resolution="full", mixing_horizon=3)]
+
+
+@pytest.mark.parametrize("kwargs", FROZEN_CASES)
+def test_frozen_block_diagonal_runs_per_channel_with_the_same_output(kwargs):
     torch.manual_seed(0)
-    block = ScatteringBlock(6, L=4, learnable=False, mixing_horizon=mixing_horizon, lowpass_only=lowpass_only,
-                            modulus_type=modulus_type)
+    block = ScatteringBlock(6, L=4, learnable=False, **kwargs)
     x = torch.randn(2, 6, 16, 16)
     assert block.is_frozen_block_diagonal() and not trainable_twin(block).is_frozen_block_diagonal()
     torch.testing.assert_close(block(x), trainable_twin(block)(x), rtol=1e-5, atol=1e-6)
@@ -244,8 +327,7 @@ def test_frozen_block_diagonal_runs_per_channel_with_the_same_output(mixing_hori
         block.phi_conv.weight[0, 1, 3, 3] = 0.5
     assert not block.is_frozen_block_diagonal()
     torch.testing.assert_close(block(x), trainable_twin(block)(x), rtol=1e-5, atol=1e-6)
-    block.load_state_dict(ScatteringBlock(6, L=4, mixing_horizon=mixing_horizon, lowpass_only=lowpass_only,
-                                          modulus_type=modulus_type).state_dict())
+    block.load_state_dict(ScatteringBlock(6, L=4, **kwargs).state_dict())
     assert block.is_frozen_block_diagonal()  # a fresh init is diagonal again
 
 
