@@ -2,6 +2,8 @@
 
     python scattering_net.py --n-blocks 5 --L 6 --in-spatial 224 --nb-classes 1000 --global-avg-pool --lowpass-last
     # prints the per-block table and parameter counts without allocating any weight
+    python scattering_net.py --n-blocks 6 --L 6 --in-spatial 224 --nb-classes 1000 --max-order 2 --memory-batch 128
+    # also builds it on the CPU and measures what one training step at that batch holds
 
 Block j maps (B, C_j, S/2^j, S/2^j) to (B, C_j(1+L), S/2^(j+1), S/2^(j+1)), so
 C_j = C_0 (1+L)^j: the cascade computes scattering paths of order <= J at
@@ -15,10 +17,13 @@ from dataclasses import dataclass, fields, replace
 from typing import Optional
 
 import numpy as np
+import torch
 import torch.nn as nn
 
 from utils import die
 
+# fp32 weight + gradient + AdamW's two moments, per trainable parameter.
+TRAINING_BYTES_PER_PARAM = 16
 # How the block weights start: the scattering transform's filters, or PyTorch's default initialisation.
 INITS = ("wavelet", "random")
 from wavelet_kernels import check_kernel_size
@@ -287,6 +292,41 @@ class ScatteringNet(nn.Module):
         return describe_plan(self.plan, sum(q.numel() for q in self.parameters() if q.requires_grad))
 
 
+def training_memory(config, batch_size):
+    """What one fp32 training step of every parameter holds, measured on the CPU.
+
+    Returns bytes: ``optimizer`` (weights, gradients and AdamW moments,
+    TRAINING_BYTES_PER_PARAM each) and ``activations``: the tensors autograd
+    saves for the backward pass (counted once per storage, through
+    torch.autograd.graph.saved_tensors_hooks), measured at batch 1 and 2 and
+    extrapolated to ``batch_size`` (per image, plus what does not grow with
+    the batch: the fused kernels of each block). The backward pass allocates
+    gradient buffers on top, at most about one block's activations at a time.
+    """
+    model = ScatteringNet(replace(config, learnable=True))
+    one, two = (_saved_bytes(model, b) for b in (1, 2))
+    params = sum(p.numel() for p in model.parameters())
+    return {"optimizer": params * TRAINING_BYTES_PER_PARAM,
+            "activations": (two - one) * batch_size + (2 * one - two)}
+
+
+def _saved_bytes(model, batch_size):
+    """Bytes of the distinct storages autograd saves for backward in one forward pass at ``batch_size``."""
+    c = model.config
+    x = torch.randn(batch_size, c.in_channels, c.in_spatial, c.in_spatial)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    for t in (x, *model.parameters()):  # the batch is the loader's, the weights are counted with the optimizer
+        storages.pop(t.untyped_storage().data_ptr(), None)
+    return sum(storages.values())
+
+
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Print a ScatteringNet's per-block table without building it.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -296,15 +336,26 @@ def get_args_parser():
     shape.add_argument("--in-spatial", type=int, default=d.in_spatial, help="input height = width")
     shape.add_argument("--nb-classes", type=int, default=d.nb_classes, help="classes")
     add_model_args(parser)
+    parser.add_argument("--memory-batch", type=int, default=None, metavar="B",
+                        help="also build the model on the CPU and measure a training step's memory at batch B")
     return parser
 
 
 def main(args):
     try:
-        plan = count_parameters(ModelConfig.from_args(args))
+        config = ModelConfig.from_args(args)
+        plan = count_parameters(config)
     except ValueError as e:
         die(e)
     print("\n".join(describe_plan(plan)))
+    if args.memory_batch is not None:
+        if args.memory_batch < 1:
+            die(f"--memory-batch must be >= 1, got {args.memory_batch}")
+        memory = training_memory(config, args.memory_batch)
+        gib = {k: v / 2 ** 30 for k, v in memory.items()}
+        print(f"training memory at batch {args.memory_batch} (fp32, every weight trained): "
+              f"{gib['optimizer']:,.2f} GiB weights, gradients and AdamW state + {gib['activations']:,.2f} GiB "
+              f"saved for backward = {sum(gib.values()):,.2f} GiB")
 
 
 if __name__ == "__main__":

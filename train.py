@@ -27,7 +27,8 @@ import torch.nn as nn
 import data
 import wavelet_kernels
 from engine import EarlyStopping, NonFiniteLoss, evaluate, filter_deltas, train_one_epoch
-from scattering_net import ModelConfig, ScatteringNet, add_model_args, count_parameters, describe_plan
+from scattering_net import (TRAINING_BYTES_PER_PARAM, ModelConfig, ScatteringNet, add_model_args, count_parameters,
+                            describe_plan)
 from utils import (CheckpointError, SaveDirLock, barrier, broadcast_object, cleanup_distributed, device_memory_bytes, die,
                    distributed_env, init_distributed, is_main_process, keep_freed_memory, load_checkpoint, main_print,
                    replicas_agree, save_checkpoint, seed_everything, write_json)
@@ -49,8 +50,6 @@ HEAD_FINETUNE_FACTOR = 0.1
 EXIT_DIVERGED = 3
 # Exit code after Ctrl-C (SIGINT): 128 + 2, as shells report a process killed by SIGINT.
 EXIT_INTERRUPTED = 130
-# Training with AdamW keeps 4 float32 numbers per parameter: weight, gradient, two moments.
-TRAINING_BYTES_PER_PARAM = 16
 
 
 # ----------------------------------------------------------------------------- command line

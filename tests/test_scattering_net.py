@@ -256,3 +256,22 @@ def test_order_limit_in_the_plan_and_its_errors():
         with pytest.raises(ValueError) as e:
             count_parameters(Config(**{field: value}))
         assert str(e.value) == message
+
+
+def test_training_memory_grows_with_the_batch_and_counts_the_optimizer_state():
+    from scattering_net import training_memory
+    config = Config(n_blocks=2, L=4, in_channels=3, in_spatial=16, max_order=1)
+    small, large = training_memory(config, 10), training_memory(config, 30)
+    params = count_parameters(config)["n_params_total"]
+    assert small["optimizer"] == large["optimizer"] == 16 * params
+    per_image = (large["activations"] - small["activations"]) / 20
+    block_outputs = 4 * (3 * 5 * 8 * 8 + 3 * 9 * 4 * 4)  # fp32 outputs of both blocks, (B, 15, 8, 8), (B, 27, 4, 4)
+    assert per_image >= block_outputs and small["activations"] >= 10 * per_image
+
+
+def test_memory_batch_prints_the_measured_total(capsys):
+    import scattering_net
+    scattering_net.main(scattering_net.get_args_parser().parse_args(
+        ["--n-blocks", "2", "--L", "4", "--in-spatial", "16", "--memory-batch", "8"]))
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("training memory at batch 8 (fp32, every weight trained): ") and last.endswith(" GiB")
