@@ -373,8 +373,9 @@ def find_last_checkpoint(args):
 def check_resume_config(saved, args):
     """Flags that change the experiment must match the interrupted run's (a left-out --seed was taken from it)."""
     ignored = {"resume", "print_freq", "workers", "device", "threads", "compile", "trust_checkpoint"}
-    current = vars(args)
-    differ = [k for k in current if k not in ignored and saved.get(k) != current[k]]
+    current, defaults = vars(args), get_args_parser()
+    saved = {k: saved.get(k, defaults.get_default(k)) for k in current}  # a flag newer than the run: its default
+    differ = [k for k in current if k not in ignored and saved[k] != current[k]]
     if differ:
         die(f"--resume: these flags differ from the interrupted run: "
             + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in differ))

@@ -516,3 +516,16 @@ def test_a_corrupt_image_read_by_a_worker_is_named(tmp_path, capsys):
                              "2", "--epochs", "1", "--global-batch-size", "4", "--workers", "1", "--seed", "0",
                              "--device", "cpu", "--print-freq", "0", "--save-dir", str(tmp_path / "run"))
     assert line.startswith(f"error: cannot read image {data_dir / 'train' / 'n00000001' / '1.png'} (")
+
+
+def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(capsys):
+    """A checkpoint written before --max-order existed continues under the default, and only under it."""
+    args = train.get_args_parser().parse_args(["--dataset", "synthetic", "--resume"])
+    saved = {k: v for k, v in vars(args).items() if k not in ("max_order", "modulus_resolution")}
+    train.check_resume_config(saved, args)  # no error
+    args.max_order = 2
+    with pytest.raises(SystemExit) as e:
+        train.check_resume_config(saved, args)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --resume: these flags differ from the interrupted run: "
+                                               "--max-order None (now 2)")
