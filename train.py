@@ -302,11 +302,14 @@ def make_checkpoint(model, model_state, phase, epoch, best_val_acc, run_config, 
     """The one place the checkpoint dict is built; loadable as SPEC.md's snippet shows.
 
     run_config: the run's flags (``config``, compared on --resume); the
-    model's ModelConfig goes under ``model_config``. training: the optimizer,
+    model's ModelConfig goes under ``model_config`` (None for another model,
+    e.g. benchmark.py's kymatio network). training: the optimizer,
     scheduler, early-stopping and run-state fields of a last.pth.
     """
+    config = getattr(model, "config", None)
     return {"state_dict": model_state, "phase": phase, "epoch": epoch, "best_val_acc": best_val_acc,
-            "config": run_config, "model_config": asdict(model.config), "rng": rng_state(), **(training or {})}
+            "config": run_config, "model_config": asdict(config) if isinstance(config, ModelConfig) else None,
+            "rng": rng_state(), **(training or {})}
 
 
 def cpu_state(model):

@@ -70,3 +70,15 @@ def test_never_overwrites_a_saved_model(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: {tmp_path / 'best.pth'} already exists: choose another --save-dir (nothing was overwritten)"]
     assert (tmp_path / "best.pth").read_bytes() == b"an earlier run's model"
+
+
+def test_fit_single_phase_trains_any_module(tmp_path):
+    """benchmark.py --accuracy trains kymatio's network through it: a model without a ModelConfig."""
+    import train
+    args = quick_check.get_args_parser().parse_args([*SMALL, "--save-dir", str(tmp_path)])
+    env = train.setup(args, args.batch_size, lock_save_dir=False)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    best, epoch, curves = quick_check.fit_single_phase("plain", model, env, args, str(tmp_path))
+    assert len(curves) == 2 and best == max(r["val_acc"] for r in curves) > 10
+    assert torch.load(tmp_path / "best.pth")["model_config"] is None
