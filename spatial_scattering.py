@@ -317,7 +317,8 @@ class ScatteringBlock(nn.Module):
                 return y
             C, CL = self.in_channels, self.in_channels * self.L
             S0, re, im = split_groups(y, g, [C // g, CL // g, CL // g])
-            return torch.cat([S0, self.phase_modulus(re, im)], dim=1)
+            B, _, H, W = y.shape
+            return torch.cat([S0.reshape(B, C, H, W), self.phase_modulus(re, im)], dim=1)  # S0: (B, g, C/g, H, W)
         g = self.in_channels if per_channel else self.groups
         S0 = F.conv2d(x, self._grouped_weight([(self.phi_conv, self.phi_pool)], g), stride=2, padding=padding,
                       groups=g)
@@ -349,13 +350,17 @@ class ScatteringBlock(nn.Module):
         return torch.cat(pieces, dim=1)
 
     def phase_modulus(self, re, im):
-        """S1 from the real and imaginary parts, both (B, C*L, H, W)."""
+        """S1 (B, C*L, H, W) from the real and imaginary parts, (B, C*L, H, W) or per group (B, g, C*L/g, H, W).
+
+        The grouped form is a view of the convolution's output: the elementwise
+        operations read it in place instead of copying it to (B, C*L, H, W) first.
+        """
+        B, H, W = re.shape[0], *re.shape[-2:]
         if self.modulus_type == "complex_modulus":
-            return safe_modulus(re, im)
-        B, CL, H, W = re.shape
-        phases = torch.stack([re, -re, im, -im], dim=2).relu()  # (B, CL, 4, H, W), contiguous per (c, l)
-        # (B, CL, 4, H, W) -> (B, 4CL, H, W); reshape, not view: channels_last inputs stack non-contiguously
-        return self.phase_collapse(phases.reshape(B, N_PHASES * CL, H, W))
+            return safe_modulus(re, im).reshape(B, -1, H, W)  # (B, g, CL/g, H, W) -> (B, CL, H, W)
+        phases = torch.stack([re, -re, im, -im], dim=-3).relu()  # (B, [g,] CL[/g], 4, H, W), contiguous per (c, l)
+        # -> (B, 4CL, H, W); reshape, not view: channels_last inputs stack non-contiguously
+        return self.phase_collapse(phases.reshape(B, -1, H, W))
 
     @torch.no_grad()
     def diagonal_filters(self):
@@ -382,10 +387,9 @@ class ScatteringBlock(nn.Module):
 
 
 def split_groups(y, groups, sizes):
-    """Split a grouped convolution's output by filter set: (B, g*sum(sizes), H, W) -> [(B, g*size, H, W)]."""
+    """Split a grouped convolution's output by filter set, as views: (B, g*sum(sizes), H, W) -> [(B, g, size, H, W)]."""
     B, _, H, W = y.shape
-    parts = y.view(B, groups, sum(sizes), H, W).split(sizes, dim=2)  # (B, g*n, H, W) -> (B, g, n, H, W)
-    return [t.reshape(B, -1, H, W) for t in parts]  # (B, g, size, H, W) -> (B, g*size, H, W)
+    return y.view(B, groups, sum(sizes), H, W).split(sizes, dim=2)  # (B, g*n, H, W) -> (B, g, n, H, W)
 
 
 def wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon=None, lowpass_only=False, wavelet_inputs=None):
