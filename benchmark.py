@@ -31,6 +31,7 @@ import data
 import quick_check
 import train
 from scattering_net import ModelConfig, ScatteringNet, count_parameters
+from spatial_scattering import MODULUS_RESOLUTIONS
 from utils import die, keep_freed_memory, write_json
 
 # (channels, spatial size, J): the shapes of CIFAR-10, Fashion-MNIST and ImageNet.
@@ -39,6 +40,7 @@ CASES = {"cifar": (3, 32, 2), "fmnist": (1, 28, 2), "imagenet2": (3, 224, 2), "i
 FIXED = dict(learnable=False, modulus_type="complex_modulus", mixing_horizon=1)
 OURS = {"ours-fixed-per-channel": FIXED,
         "ours-fixed-per-channel-order2": dict(FIXED, max_order=2),
+        "ours-fixed-subsample": dict(FIXED, modulus_resolution="subsample"),
         "ours-fixed-full-resolution": dict(FIXED, modulus_resolution="full"),
         "ours-dense": dict(learnable=True, modulus_type="complex_modulus"),
         "ours-phase_relu": dict(learnable=True, modulus_type="phase_relu")}
@@ -275,8 +277,8 @@ class KymatioNet(nn.Module):
 def accuracy_rows(args, device):
     """Every transform frozen, the same head, loop, data, epochs and seed (quick_check.py's training).
 
-    ScatteringNet (2 blocks, L=8, per channel) with the modulus after the
-    pooling (SPEC.md) and at full resolution, and kymatio's Scattering2D(J=2, L=8).
+    ScatteringNet (2 blocks, L=8, per channel) with each --modulus-resolution
+    (half: SPEC.md's order), and kymatio's Scattering2D(J=2, L=8).
     """
     rows = []
     run_args = quick_check_args("--epochs", str(args.epochs), "--print-freq", "0", "--device", str(device),
@@ -285,9 +287,9 @@ def accuracy_rows(args, device):
     info = env["data"].info
     models = []
     if "ours" in args.systems:
-        for resolution in ("half", "full"):
+        for resolution in MODULUS_RESOLUTIONS:
             config = ModelConfig.from_args(run_args, info)
-            models.append((f"ScatteringNet (fixed, 2 blocks, L=8, modulus at {resolution} resolution)",
+            models.append((f"ScatteringNet (fixed, 2 blocks, L=8, --modulus-resolution {resolution})",
                            lambda c=config, r=resolution: train.build_model(
                                replace(c, modulus_resolution=r), run_args.seed, env["device"])))
     if "kymatio" in args.systems:

@@ -121,7 +121,8 @@ def add_model_args(parser):
                        help="compute only the paths with at most this many band-pass filters (channels sorted by "
                             "order); default: every order")
     group.add_argument("--modulus-resolution", default=d.modulus_resolution, choices=MODULUS_RESOLUTIONS,
-                       help="half: pool, then modulus (SPEC.md); full: modulus at full resolution, then pool")
+                       help="half: 2x2 mean, then modulus (SPEC.md); subsample: modulus of the response at every "
+                            "other pixel (the pooling starts as one tap); full: modulus at full resolution, then mean")
     group.add_argument("--init", default=d.init, choices=INITS,
                        help="wavelet: Morlet filters, average pooling, phase collapse 1/sqrt(2); random: PyTorch's "
                             "default (Kaiming-uniform) init of every block weight, same shapes")

@@ -29,6 +29,11 @@ Two options change the data flow:
 - ``modulus_resolution='full'``: the wavelet responses are computed at full
   resolution, the modulus (or phase ReLU) is taken there, and the 2 x 2
   pooling comes after it, as kymatio does; the low-pass path stays fused.
+- ``modulus_resolution='subsample'``: the 2 x 2 wavelet pooling starts as
+  "keep the top-left pixel" instead of the mean, so the modulus is taken of
+  the response itself at every other pixel. The 2-tap mean passes only
+  cos(3 pi / 8) ~ 0.38 of the Morlet carrier (3 pi / 4 rad/sample) along an
+  axis; a single tap passes all of it. Same fused convolution, same cost.
 """
 import math
 
@@ -41,7 +46,7 @@ import wavelet_kernels
 
 MODULUS_TYPES = ("complex_modulus", "phase_relu")
 # Where the modulus is taken: after the 2 x 2 pooling (SPEC.md's order) or before it, at full resolution.
-MODULUS_RESOLUTIONS = ("half", "full")
+MODULUS_RESOLUTIONS = ("half", "subsample", "full")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # relu(a) + relu(-a) = |a|, and (|a| + |b|) / sqrt(2) lies between |a + ib| / sqrt(2)
 # and |a + ib|: with 1/sqrt(2) on each rectified phase, phase_relu starts as the
@@ -49,6 +54,8 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 PHASE_COLLAPSE_INIT = 1.0 / math.sqrt(2.0)
 # Weight of each tap of a 2 x 2 average pooling.
 AVG_POOL_2X2 = 0.25
+# modulus_resolution='subsample': the wavelet pooling keeps this tap of each 2 x 2 cell (weight 1, the rest 0).
+SUBSAMPLE_TAP = (0, 0)
 # The rectified phases per (channel, orientation): +Re, -Re, +Im, -Im.
 N_PHASES = 4
 # Grid of the zero-padded FFT that locates a K x K filter's spectral peak: 2*pi/256 ~ 0.025 rad/sample
@@ -162,8 +169,10 @@ class ScatteringBlock(nn.Module):
     in_orders : tuple of int or None
         Input channels per path order, order 0 first (sum: in_channels);
         used with max_order. None: every input channel is of order 0.
-    modulus_resolution : {'half', 'full'}
-        Take the modulus after the 2 x 2 pooling (SPEC.md) or before it.
+    modulus_resolution : {'half', 'subsample', 'full'}
+        Take the modulus after the 2 x 2 mean (SPEC.md), of the response at
+        every other pixel (the wavelet pooling starts as one tap), or at full
+        resolution before the 2 x 2 mean.
     """
 
     def __init__(self, in_channels, L=8, kernel_size=7, modulus_type="complex_modulus", learnable=True,
@@ -189,6 +198,9 @@ class ScatteringBlock(nn.Module):
             self.psi_real = self._wavelet_conv(P, bank["psi"].real, self.psi_groups)
             self.psi_imag = self._wavelet_conv(P, bank["psi"].imag, self.psi_groups)
             self.psi_pool = self._avg_pool_conv(P * L)
+            if modulus_resolution == "subsample":
+                with torch.no_grad():
+                    self.psi_pool.weight.zero_()[(..., *SUBSAMPLE_TAP)] = 1.0
             if modulus_type == "phase_relu":
                 self.phase_collapse = nn.Conv2d(N_PHASES * P * L, P * L, 1, groups=P * L, bias=False)
                 nn.init.constant_(self.phase_collapse.weight, PHASE_COLLAPSE_INIT)
@@ -233,7 +245,7 @@ class ScatteringBlock(nn.Module):
     @property
     def single_convolution(self):
         """True when one strided convolution computes the whole block: every input gets wavelets, modulus at half."""
-        return self.lowpass_only or (self.wavelet_inputs == self.in_channels and self.modulus_resolution == "half")
+        return self.lowpass_only or (self.wavelet_inputs == self.in_channels and self.modulus_resolution != "full")
 
     def fused_weight(self, groups=None):
         """The composed stride-2 kernels of [phi, psi_real, psi_imag], ordered by group (single_convolution only).
@@ -330,7 +342,7 @@ class ScatteringBlock(nn.Module):
         g = P if per_channel else self.psi_groups
         pairs = [(self.psi_real, self.psi_pool), (self.psi_imag, self.psi_pool)]
         x = x[:, :P]  # (B, C, M, N) -> (B, P, M, N): the channels of order < max_order
-        if self.modulus_resolution == "half":
+        if self.modulus_resolution != "full":
             y = F.conv2d(x, self._grouped_weight(pairs, g), stride=2, padding=padding, groups=g)
             return self.phase_modulus(*split_groups(y, g, [P * self.L // g] * 2))
         y = F.conv2d(x, self._grouped_weight(pairs, g, downsample=False), padding=padding, groups=g)

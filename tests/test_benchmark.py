@@ -32,7 +32,7 @@ def test_ours_only_speed_run_writes_json(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     saved = json.loads(out.read_text())
-    assert saved["kind"] == "speed" and len(saved["rows"]) == 10  # 5 configurations x 2 passes
+    assert saved["kind"] == "speed" and len(saved["rows"]) == 12  # 6 configurations x 2 passes
     assert all(r["img_per_s"] > 0 and r["ratio_to_kymatio"] is None for r in saved["rows"])
     assert "| fmnist | ours-fixed-per-channel | 2 | forward |" in proc.stdout
 
@@ -79,7 +79,7 @@ def test_accuracy_compares_both_modulus_resolutions_on_a_folder(tmp_path, capsys
          "--threads", "1", "--json", str(tmp_path / "acc.json")])
     benchmark.main(args)
     rows = json.loads((tmp_path / "acc.json").read_text())["rows"]
-    assert [r["model"] for r in rows] == ["ScatteringNet (fixed, 2 blocks, L=8, modulus at half resolution)",
-                                          "ScatteringNet (fixed, 2 blocks, L=8, modulus at full resolution)"]
+    assert [r["model"] for r in rows] == [f"ScatteringNet (fixed, 2 blocks, L=8, --modulus-resolution {r})"
+                                          for r in ("half", "subsample", "full")]
     assert all(r["dataset"] == "folder" and r["epochs"] == 1 and 0 <= r["best_test_acc"] <= 100 for r in rows)
-    assert rows[0]["head_params"] == rows[1]["head_params"]  # same features, same head
+    assert rows[0]["head_params"] == rows[1]["head_params"] == rows[2]["head_params"]  # same shapes, same head

@@ -219,7 +219,8 @@ def all_orders_layout(in_channels, L, n_blocks):
 
 
 @pytest.mark.parametrize("learnable,max_order,resolution", [(False, 2, "half"), (True, 2, "half"),
-                                                            (False, 1, "full"), (True, 2, "full")])
+                                                            (False, 1, "full"), (True, 2, "full"),
+                                                            (False, 2, "subsample")])
 def test_order_limited_net_is_the_all_orders_net_restricted(learnable, max_order, resolution):
     """The fixed per-channel transform with --max-order M is exactly the cascade's paths of order <= M, sorted."""
     torch.manual_seed(0)
@@ -251,8 +252,8 @@ def test_order_limit_in_the_plan_and_its_errors():
     assert str(e.value) == ("mixing_horizon=27 does not divide block 2's 51 input channels of order < 2; valid values: "
                             "[1, 3, 17, 51] (or any value >= 51 for dense)")
     for field, value, message in (("max_order", 0, "max_order must be a positive integer, got 0"),
-                                  ("modulus_resolution", "x", "modulus_resolution must be one of ('half', 'full'), "
-                                                              "got 'x'")):
+                                  ("modulus_resolution", "x", "modulus_resolution must be one of ('half', 'subsample', "
+                                                              "'full'), got 'x'")):
         with pytest.raises(ValueError) as e:
             count_parameters(Config(**{field: value}))
         assert str(e.value) == message

@@ -24,7 +24,7 @@ def reference_forward(block, x):
     if block.lowpass_only:
         return S0
     xw = x[:, :block.wavelet_inputs]
-    if block.modulus_resolution == "half":  # SPEC.md: pool, then modulus
+    if block.modulus_resolution != "full":  # SPEC.md: pool, then modulus (subsample: a one-tap pool)
         S1 = reference_modulus(block, block.psi_pool(block.psi_real(xw)), block.psi_pool(block.psi_imag(xw)))
     else:  # modulus at full resolution, then pool
         S1 = block.psi_pool(reference_modulus(block, block.psi_real(xw), block.psi_imag(xw)))
@@ -76,7 +76,7 @@ def test_fused_forward_equals_step_by_step(padding_mode, mixing_horizon, modulus
 @pytest.mark.parametrize("mixing_horizon", [None, 1, 3])
 @pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
 @pytest.mark.parametrize("orders,resolution", [(None, "full"), ((1, 2, 3), "half"), ((1, 2, 3), "full"),
-                                                 ((3, 3), "half")])
+                                                 ((3, 3), "half"), (None, "subsample"), ((1, 2, 3), "subsample")])
 def test_order_limited_and_full_resolution_forward_equals_step_by_step(padding_mode, mixing_horizon, modulus_type,
                                                                          orders, resolution):
     torch.manual_seed(0)
@@ -125,6 +125,18 @@ def test_full_resolution_takes_the_modulus_before_the_pooling():
     S1_half, S1_full = half(x)[:, 1:], full(x)[:, 1:]
     assert (S1_full >= S1_half - 1e-6).all() and (S1_full - S1_half).mean() > 0.05 * S1_full.mean()
     torch.testing.assert_close(full(x)[:, :1], half(x)[:, :1])  # the low-pass path is the same
+
+
+@pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
+def test_subsample_takes_the_modulus_of_the_response_at_every_other_pixel(modulus_type):
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
+    block = ScatteringBlock(1, L=4, modulus_type=modulus_type, modulus_resolution="subsample").double()
+    re, im = block.psi_real(x)[..., ::2, ::2], block.psi_imag(x)[..., ::2, ::2]  # full resolution, top-left pixels
+    torch.testing.assert_close(block(x)[:, 1:], reference_modulus(block, re, im), rtol=1e-10, atol=1e-10)
+    half = ScatteringBlock(1, L=4, modulus_type=modulus_type).double()
+    torch.testing.assert_close(block(x)[:, :1], half(x)[:, :1])  # the low-pass path keeps the mean
+    assert block(x)[:, 1:].mean() > 1.5 * half(x)[:, 1:].mean()  # the carrier is no longer averaged away
 
 
 def test_compose_downsampling_is_conv_then_pool():
@@ -258,7 +270,8 @@ def test_batch_shape_independence():
     ({"max_order": 0}, "max_order must be a positive integer or None, got 0"),
     ({"max_order": 2, "in_orders": (1, 1)}, "in_orders must count the 3 input channels by order (with max_order), "
                                              "got (1, 1)"),
-    ({"modulus_resolution": "quarter"}, "modulus_resolution must be one of ('half', 'full'), got 'quarter'"),
+    ({"modulus_resolution": "quarter"}, "modulus_resolution must be one of ('half', 'subsample', 'full'), got "
+                                        "'quarter'"),
 ])
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -313,7 +326,8 @@ def trainable_twin(block):
 
 FROZEN_CASES = [dict(), dict(mixing_horizon=3, modulus_type="phase_relu"), dict(lowpass_only=True),
                 dict(max_order=2, in_orders=(1, 2, 3)), dict(modulus_resolution="full", modulus_type="phase_relu"),
-                dict(max_order=1, in_orders=(3, 3), modulus_resolution="full", mixing_horizon=3)]
+                dict(max_order=1, in_orders=(3, 3), modulus_resolution="full", mixing_horizon=3),
+                dict(modulus_resolution="subsample", mixing_horizon=3)]
 
 
 @pytest.mark.parametrize("kwargs", FROZEN_CASES)
