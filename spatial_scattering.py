@@ -187,6 +187,7 @@ class ScatteringBlock(nn.Module):
         self.in_orders = tuple(in_orders or (in_channels,))
         self.out_orders = output_orders(self.in_orders, L, max_order, lowpass_only)
         self.out_channels = sum(self.out_orders)
+        self._order_slices = self._slices_by_order() if max_order is not None and not lowpass_only else None
         C = in_channels
         P = self.wavelet_inputs = C if lowpass_only else wavelet_inputs(self.in_orders, max_order)
         self.groups = mixing_groups(C, mixing_horizon)
@@ -322,8 +323,8 @@ class ScatteringBlock(nn.Module):
         self._check_input(x)
         x, padding = self._pad(x)
         per_channel = self.is_frozen_block_diagonal()
+        g = self.in_channels if per_channel else self.groups
         if self.single_convolution:
-            g = self.in_channels if per_channel else self.groups
             y = F.conv2d(x, self.fused_weight(g), stride=2, padding=padding, groups=g)
             if self.lowpass_only:
                 return y
@@ -331,7 +332,6 @@ class ScatteringBlock(nn.Module):
             S0, re, im = split_groups(y, g, [C // g, CL // g, CL // g])
             B, _, H, W = y.shape
             return torch.cat([S0.reshape(B, C, H, W), self.phase_modulus(re, im)], dim=1)  # S0: (B, g, C/g, H, W)
-        g = self.in_channels if per_channel else self.groups
         S0 = F.conv2d(x, self._grouped_weight([(self.phi_conv, self.phi_pool)], g), stride=2, padding=padding,
                       groups=g)
         return self._by_order(S0, self._band_pass(x, padding, per_channel))
@@ -342,24 +342,29 @@ class ScatteringBlock(nn.Module):
         g = P if per_channel else self.psi_groups
         pairs = [(self.psi_real, self.psi_pool), (self.psi_imag, self.psi_pool)]
         x = x[:, :P]  # (B, C, M, N) -> (B, P, M, N): the channels of order < max_order
-        if self.modulus_resolution != "full":
-            y = F.conv2d(x, self._grouped_weight(pairs, g), stride=2, padding=padding, groups=g)
-            return self.phase_modulus(*split_groups(y, g, [P * self.L // g] * 2))
-        y = F.conv2d(x, self._grouped_weight(pairs, g, downsample=False), padding=padding, groups=g)
-        return self.psi_pool(self.phase_modulus(*split_groups(y, g, [P * self.L // g] * 2)))
+        full = self.modulus_resolution == "full"  # stride-1 responses, pooled after the modulus
+        weight = self._grouped_weight(pairs, g, downsample=not full)
+        y = F.conv2d(x, weight, stride=1 if full else 2, padding=padding, groups=g)
+        S1 = self.phase_modulus(*split_groups(y, g, [P * self.L // g] * 2))
+        return self.psi_pool(S1) if full else S1
 
     def _by_order(self, S0, S1):
         """cat(S0, S1) with the channels sorted by order (max_order) or in SPEC.md's order (no limit)."""
         if self.max_order is None:
             return torch.cat([S0, S1], dim=1)
-        starts = np.cumsum([0, *self.in_orders])
+        sources = (S0, S1)
+        return torch.cat([sources[i][:, start:end] for i, start, end in self._order_slices], dim=1)
+
+    def _slices_by_order(self):
+        """(source, start, end) of each output piece in order: source 0 is S0, 1 is S1 (built once)."""
+        starts = np.cumsum([0, *self.in_orders]).tolist()
         pieces = []
         for k in range(len(self.out_orders)):
             if k < len(self.in_orders):  # the low-pass of the order-k inputs
-                pieces.append(S0[:, starts[k]:starts[k + 1]])
+                pieces.append((0, starts[k], starts[k + 1]))
             if 0 < k <= self.max_order:  # the wavelets of the order-(k-1) inputs, c*L + l
-                pieces.append(S1[:, self.L * starts[k - 1]:self.L * starts[k]])
-        return torch.cat(pieces, dim=1)
+                pieces.append((1, self.L * starts[k - 1], self.L * starts[k]))
+        return pieces
 
     def phase_modulus(self, re, im):
         """S1 (B, C*L, H, W) from the real and imaginary parts, (B, C*L, H, W) or per group (B, g, C*L/g, H, W).
