@@ -42,7 +42,7 @@ COLUMNS = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "init", "ar
 MIN_POINTS_FOR_R = 3
 # Config keys that say how a run was executed, not what it measured; and those that choose its arm.
 RUN_KEYS = ("seed", "save_dir", "resume", "print_freq", "workers", "device", "threads", "compile",
-            "trust_checkpoint", "data_dir", "fast_path")
+            "trust_checkpoint", "data_dir", "fast_path", "from_phase_a")
 ARM_KEYS = ("init", "joint", "freeze_extractor")
 ACCURACIES = ("head_acc", "finetune_acc", "joint_acc")
 # The paired comparisons: wavelet two-phase finetune_acc minus (arm, init, accuracy column) of the same seed.

@@ -46,6 +46,8 @@ PHASE_B_RECIPE = {"lr_head_finetune": None, "warmup_epochs": 3.0, "carry_head_st
 # Phase B's head learning rate is --lr-head times this unless --lr-head-finetune says otherwise: Phase A
 # ends with the head's lr near 0, and going back to all of --lr-head throws away what it converged to.
 HEAD_FINETUNE_FACTOR = 0.1
+# The flags that only act in Phase B: the ones a --from-phase-a run may set differently from its source.
+PHASE_B_FLAGS = ("epochs", "lr_extractor", "freeze_extractor", "l2_sp", *PHASE_B_RECIPE, "save_dir", "from_phase_a")
 # Exit code of a run stopped by a NaN or infinite loss (README.md, "Failures and recovery").
 EXIT_DIVERGED = 3
 # Exit code after Ctrl-C (SIGINT): 128 + 2, as shells report a process killed by SIGINT.
@@ -121,6 +123,10 @@ def get_args_parser():
     training.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     training.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs")
     training.add_argument("--resume", action="store_true", help="continue the interrupted run in --save-dir")
+    training.add_argument("--from-phase-a", default=None, metavar="DIR",
+                          help="skip Phase A: start Phase B from the finished Phase A of the run in DIR (every flag "
+                               "that shapes Phase A must match it; DIR is only read): Phase B variants that share "
+                               "one Phase A")
     training.add_argument("--trust-checkpoint", action="store_true",
                           help="load checkpoints that hold more than tensors and plain values (their pickle can run "
                                "code): only for files from a source you trust")
@@ -373,15 +379,57 @@ def find_last_checkpoint(args):
     return last
 
 
-def check_resume_config(saved, args):
-    """Flags that change the experiment must match the interrupted run's (a left-out --seed was taken from it)."""
-    ignored = {"resume", "print_freq", "workers", "device", "threads", "compile", "trust_checkpoint"}
+def check_same_flags(saved, args, what, ignored=()):
+    """Flags that change the experiment must match the saved run's (a left-out --seed was taken from it).
+
+    what: the start of the one-line error, e.g. "--resume: these flags differ from the interrupted run".
+    """
+    ignored = {"resume", "print_freq", "workers", "device", "threads", "compile", "trust_checkpoint", *ignored}
     current, defaults = vars(args), get_args_parser()
     saved = {k: saved.get(k, defaults.get_default(k)) for k in current}  # a flag newer than the run: its default
     differ = [k for k in current if k not in ignored and saved[k] != current[k]]
     if differ:
-        die(f"--resume: these flags differ from the interrupted run: "
-            + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in differ))
+        die(f"{what}: " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in differ))
+
+
+def phase_a_source(args):
+    """--from-phase-a DIR: DIR's finished Phase A, read and checked (nothing is written); a left-out --seed is DIR's.
+
+    Returns (its last.pth, its best.pth) for ``branch_phase_a``.
+    """
+    source = args.from_phase_a
+    if args.joint:
+        die("--from-phase-a and --joint exclude each other: a joint run has no Phase A")
+    paths = {name: os.path.join(source, "phase_a", name) for name in ("last.pth", "best.pth")}
+    if not os.path.isfile(paths["last.pth"]):
+        die(f"--from-phase-a: no Phase A in {source} (looked for {paths['last.pth']})")
+    last = read_checkpoint(paths["last.pth"], args)
+    missing = [k for k in LAST_KEYS if k not in last]
+    if missing or last["phase"] != "phase_a":
+        die(f"--from-phase-a: {paths['last.pth']} is not a Phase A last.pth written by train.py")
+    if not last["finished"]:
+        die(f"--from-phase-a: the Phase A in {source} stopped after epoch {last['epoch']} of "
+            f"{last['config']['head_epochs']}: finish it first (its command with --resume)")
+    if args.seed is None:
+        args.seed = last["config"]["seed"]
+    return last, read_checkpoint(paths["best.pth"], args)
+
+
+def branch_phase_a(args, last, best):
+    """Check the flags against the borrowed Phase A's, then write its checkpoints into --save-dir as this run's.
+
+    Every flag but Phase B's (PHASE_B_FLAGS) must match. The run is then
+    complete on its own and resumable. Returns the last.pth to continue from.
+    """
+    check_same_flags(last["config"], args, f"--from-phase-a: these flags differ from the run in {args.from_phase_a}",
+                     PHASE_B_FLAGS)
+    json_path = os.path.join(args.save_dir, f"results_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    last = {**last, "config": dict(vars(args)), "json_path": json_path}
+    if is_main_process():
+        for name, checkpoint in (("last.pth", last), ("best.pth", {**best, "config": dict(vars(args))})):
+            save_checkpoint(os.path.join(args.save_dir, "phase_a", name), checkpoint)
+    barrier()
+    return last
 
 
 def load_run_state(args, seed, last):
@@ -395,7 +443,7 @@ def load_run_state(args, seed, last):
         args.seed = seed
         json_path = os.path.join(args.save_dir, f"results_{time.strftime('%Y%m%d-%H%M%S')}.json")
         return RunState(vars(args), json_path, {p: [] for p in phases}, start_phase=phases[0])
-    check_resume_config(last["config"], args)
+    check_same_flags(last["config"], args, "--resume: these flags differ from the interrupted run")
     args.seed = last["config"]["seed"]
     start = phases[phases.index(last["phase"]) + 1] if last["finished"] and last["phase"] != phases[-1] \
         else last["phase"]
@@ -662,11 +710,15 @@ def main(args):
     args.head_epochs = args.head_epochs or args.epochs
     if args.joint and args.freeze_extractor:
         die("--joint and --freeze-extractor exclude each other: a joint run trains the blocks from the start")
-    last = find_last_checkpoint(args)
+    last, borrowed_best = find_last_checkpoint(args), None
+    if last is None and args.from_phase_a:
+        last, borrowed_best = phase_a_source(args)
     if last and args.seed is None:
         args.seed = last["config"]["seed"]  # before setup: the seed draws the data subset and its order
     env = setup(args, args.global_batch_size)
     with env["lock"]:
+        if borrowed_best:
+            last = branch_phase_a(args, last, borrowed_best)
         try:
             return experiment(args, env, last)
         except data.DatasetError as e:  # an image that cannot be read mid-epoch (possibly in a worker)

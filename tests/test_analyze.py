@@ -187,7 +187,8 @@ def write_run(folder, name, base, seed, arm, accuracies, train_size=500):
     exp = copy.deepcopy(base)
     exp["config"].update(seed=seed, init="random" if arm == "random" else "wavelet", joint=arm == "random",
                          train_size=train_size,
-                         freeze_extractor=arm == "frozen", save_dir=f"runs/{name}", threads=seed + 1)
+                         freeze_extractor=arm == "frozen", save_dir=f"runs/{name}", threads=seed + 1,
+                         from_phase_a=f"runs/phase_a_{seed}" if arm == "wavelet" else None)  # how it ran, not what
     for key in ("head_acc", "finetune_acc", "finetune_gain", "joint_acc"):
         exp["results"].pop(key, None)
     exp["results"].update(actual_train_samples=train_size, **accuracies)

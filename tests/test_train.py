@@ -180,6 +180,73 @@ def test_resume_of_a_joint_run_started_without_a_seed_ends_where_it_would_have(t
     assert after["results"]["joint_acc"] == whole["results"]["joint_acc"]
 
 
+def test_phase_b_from_another_runs_phase_a_ends_where_the_whole_run_did(finished_run, tmp_path):
+    source, _ = finished_run
+    before = fingerprint(source)
+    branched = train_in_process(*SMALL, "--save-dir", str(tmp_path), "--from-phase-a", source)
+    whole, saved = results_json(source), results_json(str(tmp_path))
+    assert without_timing(saved["curves"]) == without_timing(whole["curves"])
+    for key in RESULT_KEYS:
+        assert branched[key] == pytest.approx(whole["results"][key], rel=1e-6), key
+    assert saved["config"]["from_phase_a"] == source and fingerprint(source) == before  # the source is only read
+    assert sorted(os.listdir(tmp_path / "phase_a")) == ["best.pth", "last.pth"]
+
+
+def test_a_phase_b_variant_shares_the_phase_a_and_records_where_it_came_from(finished_run, tmp_path):
+    source, _ = finished_run
+    results = train_in_process(*SMALL, "--save-dir", str(tmp_path), "--from-phase-a", source, "--freeze-extractor",
+                               "--warmup-epochs", "0", "--lr-head-finetune", "1e-3")
+    whole, saved = results_json(source), results_json(str(tmp_path))
+    assert without_timing(saved["curves"])["phase_a"] == without_timing(whole["curves"])["phase_a"]
+    assert results["head_acc"] == whole["results"]["head_acc"] and results["extractor_frozen"] is True
+    assert results["filter_delta_l2"] == 0.0 and saved["config"]["lr_head_finetune"] == 1e-3
+    resumed = run_train(*SMALL, "--save-dir", str(tmp_path), "--from-phase-a", source, "--freeze-extractor",
+                        "--warmup-epochs", "0", "--lr-head-finetune", "1e-3")
+    assert resumed.returncode == 2 and "already exists: pass --resume" in resumed.stderr
+
+
+def test_from_phase_a_under_torchrun(finished_run, tmp_path):
+    source, _ = finished_run
+    proc = run_train(*SMALL, "--save-dir", str(tmp_path), "--from-phase-a", source, torchrun=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = results_json(str(tmp_path))
+    assert saved["results"]["replicas_in_sync"] is True and len(saved["curves"]["phase_b"]) == 3
+    assert without_timing(saved["curves"])["phase_a"] == without_timing(results_json(source)["curves"])["phase_a"]
+
+
+def unfinished_phase_a(finished_run, folder):
+    """A copy of the finished run whose Phase A stopped after epoch 2 of 3."""
+    import shutil
+    shutil.copytree(finished_run[0], folder)
+    shutil.rmtree(folder / "phase_b")
+    last = torch.load(folder / "phase_a" / "last.pth", weights_only=True)
+    torch.save({**last, "finished": False, "epoch": 2}, folder / "phase_a" / "last.pth")
+    return folder
+
+
+@pytest.mark.parametrize("make_source,flags,message", [
+    (lambda run, folder: run[0], ["--lr-head", "0.01"],
+     "error: --from-phase-a: these flags differ from the run in {source}: --lr-head 0.001 (now 0.01)"),
+    (lambda run, folder: run[0], ["--seed", "1", "--n-blocks", "2"],
+     "error: --from-phase-a: these flags differ from the run in {source}: --n-blocks 1 (now 2), --seed 0 (now 1)"),
+    (lambda run, folder: run[0], ["--joint"],
+     "error: --from-phase-a and --joint exclude each other: a joint run has no Phase A"),
+    (lambda run, folder: folder, [],
+     "error: --from-phase-a: no Phase A in {source} (looked for {source}/phase_a/last.pth)"),
+    (unfinished_phase_a, [],
+     "error: --from-phase-a: the Phase A in {source} stopped after epoch 2 of 3: finish it first (its command with "
+     "--resume)"),
+])
+def test_from_phase_a_refuses_what_it_cannot_continue(finished_run, tmp_path, capsys, make_source, flags, message):
+    source = str(make_source(finished_run, tmp_path / "source"))
+    save_dir = tmp_path / "new"
+    i = SMALL.index("--seed")
+    args = SMALL[:i] + SMALL[i + 2:] if "--seed" in flags else SMALL
+    assert exit_2_message(capsys, *args, *flags, "--save-dir", str(save_dir), "--from-phase-a", source) == \
+        [message.format(source=source)]
+    assert not save_dir.exists() or not any(save_dir.iterdir())  # no checkpoint written
+
+
 @pytest.mark.parametrize("flags,best", [([], "phase_b"), (["--joint", "--l2-sp", "0.1"], "joint")])
 def test_two_process_ddp_on_cpu(tmp_path, flags, best):
     proc = run_train(*SMALL, *flags, "--save-dir", str(tmp_path), torchrun=2)
@@ -522,10 +589,11 @@ def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(capsys):
     """A checkpoint written before --max-order existed continues under the default, and only under it."""
     args = train.get_args_parser().parse_args(["--dataset", "synthetic", "--resume"])
     saved = {k: v for k, v in vars(args).items() if k not in ("max_order", "modulus_resolution")}
-    train.check_resume_config(saved, args)  # no error
+    what = "--resume: these flags differ from the interrupted run"
+    train.check_same_flags(saved, args, what)  # no error
     args.max_order = 2
     with pytest.raises(SystemExit) as e:
-        train.check_resume_config(saved, args)
+        train.check_same_flags(saved, args, what)
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: --resume: these flags differ from the interrupted run: "
                                                "--max-order None (now 2)")
