@@ -11,6 +11,7 @@ every epoch; checkpoints to <save-dir>/phase_{a,b}/{best,last}.pth.
 Measured results are in README.md and BENCHMARKS.md, with their commands.
 """
 import argparse
+import gc
 import math
 from contextlib import ExitStack
 import os
@@ -753,6 +754,7 @@ def run_script(main_function, args, resume_hint=True):
     """A script's entry point: main_function(args), then leave together; Ctrl-C ends with one line, exit 130."""
     try:
         main_function(args)
+        gc.collect()  # DDP wrappers sit in reference cycles: free them while the process group is still up
         barrier()  # leave together: a Gloo rank torn down while its peer still finishes can abort
     except KeyboardInterrupt:
         hint = ("the last completed epoch is saved: run the same command with --resume to continue" if resume_hint

@@ -53,6 +53,7 @@ def test_single_process_helpers(monkeypatch):
 
 PAGE_FAULT_PROBE = """
 import resource, sys, torch, utils
+torch.set_num_threads(1)  # one malloc arena: the count does not depend on how many threads the pool starts
 from scattering_net import ModelConfig, ScatteringNet
 if sys.argv[1] == "keep":
     assert utils.keep_freed_memory()
