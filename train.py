@@ -8,6 +8,8 @@ Phase B starts from Phase A's best model, unfreezes the blocks and trains
 everything with two learning rates (finetune_acc, finetune_gain and how far
 the filters moved). Results go to <save-dir>/results_<timestamp>.json after
 every epoch; checkpoints to <save-dir>/phase_{a,b}/{best,last}.pth.
+--from-phase-a DIR skips Phase A by continuing DIR's finished one (a copy):
+Phase B variants then differ in their Phase B flags only.
 Measured results are in README.md and BENCHMARKS.md, with their commands.
 """
 import argparse
