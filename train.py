@@ -396,9 +396,10 @@ def check_same_flags(saved, args, what, ignored=()):
 
 
 def phase_a_source(args):
-    """--from-phase-a DIR: DIR's finished Phase A, read and checked (nothing is written); a left-out --seed is DIR's.
+    """--from-phase-a DIR: DIR's finished Phase A, read and checked (nothing is written).
 
-    Returns (its last.pth, its best.pth) for ``branch_phase_a``.
+    Returns (its last.pth, its best.pth) for ``branch_phase_a``; like a
+    resumed run, a run that left out --seed takes the one they record.
     """
     source = args.from_phase_a
     if args.joint:
@@ -413,8 +414,6 @@ def phase_a_source(args):
     if not last["finished"]:
         die(f"--from-phase-a: the Phase A in {source} stopped after epoch {last['epoch']} of "
             f"{last['config']['head_epochs']}: finish it first (its command with --resume)")
-    if args.seed is None:
-        args.seed = last["config"]["seed"]
     return last, read_checkpoint(paths["best.pth"], args)
 
 

@@ -194,15 +194,18 @@ def test_phase_b_from_another_runs_phase_a_ends_where_the_whole_run_did(finished
 
 def test_a_phase_b_variant_shares_the_phase_a_and_records_where_it_came_from(finished_run, tmp_path):
     source, _ = finished_run
-    results = train_in_process(*SMALL, "--save-dir", str(tmp_path), "--from-phase-a", source, "--freeze-extractor",
-                               "--warmup-epochs", "0", "--lr-head-finetune", "1e-3")
+    i = SMALL.index("--seed")
+    without_seed = SMALL[:i] + SMALL[i + 2:]  # taken from the source's run
+    results = train_in_process(*without_seed, "--save-dir", str(tmp_path), "--from-phase-a", source,
+                               "--freeze-extractor", "--warmup-epochs", "0", "--lr-head-finetune", "1e-3")
     whole, saved = results_json(source), results_json(str(tmp_path))
+    assert saved["config"]["seed"] == whole["config"]["seed"] == 0
     assert without_timing(saved["curves"])["phase_a"] == without_timing(whole["curves"])["phase_a"]
     assert results["head_acc"] == whole["results"]["head_acc"] and results["extractor_frozen"] is True
     assert results["filter_delta_l2"] == 0.0 and saved["config"]["lr_head_finetune"] == 1e-3
-    resumed = run_train(*SMALL, "--save-dir", str(tmp_path), "--from-phase-a", source, "--freeze-extractor",
-                        "--warmup-epochs", "0", "--lr-head-finetune", "1e-3")
-    assert resumed.returncode == 2 and "already exists: pass --resume" in resumed.stderr
+    again = run_train(*without_seed, "--save-dir", str(tmp_path), "--from-phase-a", source, "--freeze-extractor",
+                      "--warmup-epochs", "0", "--lr-head-finetune", "1e-3")
+    assert again.returncode == 2 and "already exists: pass --resume" in again.stderr
 
 
 def test_from_phase_a_under_torchrun(finished_run, tmp_path):
