@@ -425,13 +425,17 @@ def branch_phase_a(args, last, best):
     """
     check_same_flags(last["config"], args, f"--from-phase-a: these flags differ from the run in {args.from_phase_a}",
                      PHASE_B_FLAGS)
-    json_path = os.path.join(args.save_dir, f"results_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    last = {**last, "config": dict(vars(args)), "json_path": json_path}
+    config = dict(vars(args))
+    last = {**last, "config": config, "json_path": new_json_path(args.save_dir)}
     if is_main_process():
-        for name, checkpoint in (("last.pth", last), ("best.pth", {**best, "config": dict(vars(args))})):
+        for name, checkpoint in (("last.pth", last), ("best.pth", {**best, "config": config})):
             save_checkpoint(os.path.join(args.save_dir, "phase_a", name), checkpoint)
     barrier()
     return last
+
+
+def new_json_path(save_dir):
+    return os.path.join(save_dir, f"results_{time.strftime('%Y%m%d-%H%M%S')}.json")
 
 
 def load_run_state(args, seed, last):
@@ -443,8 +447,7 @@ def load_run_state(args, seed, last):
     phases = (JOINT,) if args.joint else PHASES
     if last is None:
         args.seed = seed
-        json_path = os.path.join(args.save_dir, f"results_{time.strftime('%Y%m%d-%H%M%S')}.json")
-        return RunState(vars(args), json_path, {p: [] for p in phases}, start_phase=phases[0])
+        return RunState(vars(args), new_json_path(args.save_dir), {p: [] for p in phases}, start_phase=phases[0])
     check_same_flags(last["config"], args, "--resume: these flags differ from the interrupted run")
     args.seed = last["config"]["seed"]
     start = phases[phases.index(last["phase"]) + 1] if last["finished"] and last["phase"] != phases[-1] \

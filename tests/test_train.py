@@ -26,6 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--dataset", "synthetic", "--train-size", "600", "--n-blocks", "1", "--L", "4", "--epochs", "3",
          "--global-batch-size", "50", "--seed", "0", "--print-freq", "0", "--threads", "1", "--lr-extractor", "1e-3",
          "--device", "cpu"]
+SMALL_WITHOUT_SEED = SMALL[:SMALL.index("--seed")] + SMALL[SMALL.index("--seed") + 2:]
 RESULT_KEYS = {"head_acc", "head_err", "baseline_acc", "finetune_acc", "finetune_gain", "filter_delta_l2",
                "filter_delta_relative", "n_params_total", "n_params_extractor", "n_params_classifier",
                "n_params_trainable", "actual_train_samples", "test_samples"}
@@ -166,8 +167,7 @@ def test_resume_after_a_kill_mid_phase_b(finished_run, tmp_path):
 
 
 def test_resume_of_a_joint_run_started_without_a_seed_ends_where_it_would_have(tmp_path):
-    i = SMALL.index("--seed")
-    args = SMALL[:i] + SMALL[i + 2:] + ["--joint", "--l2-sp", "0.1", "--head-epochs", "1"]
+    args = SMALL_WITHOUT_SEED + ["--joint", "--l2-sp", "0.1", "--head-epochs", "1"]
     kill_when([*args, "--save-dir", str(tmp_path / "killed")], tmp_path / "killed" / "joint" / "last.pth")
     resumed = run_train(*args, "--save-dir", str(tmp_path / "killed"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -194,8 +194,7 @@ def test_phase_b_from_another_runs_phase_a_ends_where_the_whole_run_did(finished
 
 def test_a_phase_b_variant_shares_the_phase_a_and_records_where_it_came_from(finished_run, tmp_path):
     source, _ = finished_run
-    i = SMALL.index("--seed")
-    without_seed = SMALL[:i] + SMALL[i + 2:]  # taken from the source's run
+    without_seed = SMALL_WITHOUT_SEED  # taken from the source's run
     results = train_in_process(*without_seed, "--save-dir", str(tmp_path), "--from-phase-a", source,
                                "--freeze-extractor", "--warmup-epochs", "0", "--lr-head-finetune", "1e-3")
     whole, saved = results_json(source), results_json(str(tmp_path))
@@ -243,8 +242,7 @@ def unfinished_phase_a(finished_run, folder):
 def test_from_phase_a_refuses_what_it_cannot_continue(finished_run, tmp_path, capsys, make_source, flags, message):
     source = str(make_source(finished_run, tmp_path / "source"))
     save_dir = tmp_path / "new"
-    i = SMALL.index("--seed")
-    args = SMALL[:i] + SMALL[i + 2:] if "--seed" in flags else SMALL
+    args = SMALL_WITHOUT_SEED if "--seed" in flags else SMALL
     assert exit_2_message(capsys, *args, *flags, "--save-dir", str(save_dir), "--from-phase-a", source) == \
         [message.format(source=source)]
     assert not save_dir.exists() or not any(save_dir.iterdir())  # no checkpoint written
