@@ -9,6 +9,8 @@ FASHION_DIR := /usr/share/datasets/fashion-mnist
 DEMO_DIR := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 # Wavelet init (two-phase) against random init (joint, same epoch budget) at three training-set sizes, two seeds.
 DEMO_GRID := --arm wavelet-two-phase,random-joint --train-size 0.01,0.05,0.2 --seed 0,1 --jobs 2
+# The cell whose learnt filters the demo draws (analyze.py names the figure after the checkpoint's path).
+DEMO_FILTERS := arm=wavelet-two-phase__train-size=0.2__seed=0
 DEMO_TRAIN := --dataset fashion-mnist --modulus-type phase_relu --head-epochs 5 --epochs 5 --warmup-epochs 1 --print-freq 0
 
 .PHONY: setup test demo gpu-check fashion-mnist docs
@@ -37,11 +39,12 @@ fashion-mnist:
 demo: setup fashion-mnist
 	$(PY) sweep.py --out $(DEMO_DIR) $(DEMO_GRID) $(DEMO_TRAIN)
 	$(PY) analyze.py --results-dir $(DEMO_DIR)
-	$(PY) analyze.py --results-dir $(DEMO_DIR) --filters $(DEMO_DIR)/arm=wavelet-two-phase__train-size=0.2__seed=0/phase_b/best.pth
+	$(PY) analyze.py --results-dir $(DEMO_DIR) --filters $(DEMO_DIR)/$(DEMO_FILTERS)/phase_b/best.pth
 	ln -sfn $(notdir $(DEMO_DIR)) runs/demo-latest
+	@echo "make demo: tables and plots in $(DEMO_DIR)/plots (runs/demo-latest/plots)"
 
 # The README's picture, from the latest demo.
 docs:
 	mkdir -p docs
 	cp runs/demo-latest/plots/plot_data_efficiency.png docs/plot_data_efficiency.png
-	cp runs/demo-latest/plots/filters_block0.png docs/filters_block0.png
+	cp runs/demo-latest/plots/filters_block0__$(DEMO_FILTERS)__phase_b__best.png docs/filters_block0.png

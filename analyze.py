@@ -1,14 +1,21 @@
-"""Summary table and plots over train.py's results (SPEC.md, "Analysis").
+"""Tables, paired tests and plots over train.py's results: each run counted once.
 
     python analyze.py --results-dir runs/demo --curves
-    # one row per results_*.json found under runs/demo (recursively), saved as
-    # runs/demo/plots/summary.csv, and the plots listed below; make demo prints it.
-    python analyze.py --results-dir runs/demo --filters runs/demo/size_0.2/phase_b/best.pth
-    # block 0's wavelets before and after training, and how far each orientation moved
+    # one row per run found under runs/demo (results_*.json, recursively; a file reached twice through a
+    # link, or a run recorded twice, counts once), then means over seeds and paired t-tests
+    python analyze.py --results-dir runs/demo --filters runs/demo/<cell>/phase_b/best.pth
+    # block 0's wavelets before, after, and the change; how far each orientation moved
 
-Plots, in <results-dir>/plots/: plot_size_vs_accuracy.png, plot_size_vs_gain.png,
-plot_delta_vs_gain.png, and with --curves curves/curves_exp<N>.png (N: the
-table's row). Headless (Agg) unless --interactive.
+Written to <results-dir>/plots/: runs.csv (one row per run, with its selection
+rule, commit, and the last-epoch and best-test-epoch accuracies beside the
+selected one), summary.csv (per configuration: n, mean and std over seeds),
+significance.csv (paired differences), plot_data_efficiency.png,
+plot_advantage.png, plot_size_vs_gain.png, plot_delta_vs_gain.png; with
+--curves, curves/curves_exp<N>.png (N: the row of runs.csv); with --filters,
+filters_block0__<checkpoint path>.png. Runs recorded before --select existed
+chose their epochs on the test split: they are read as --select test, and
+runs of different rules are never averaged or paired. Headless (Agg) unless
+--interactive.
 """
 import argparse
 import glob
@@ -21,6 +28,7 @@ import pandas as pd
 import torch
 
 import data
+import train
 import wavelet_kernels
 from scattering_net import ModelConfig, ScatteringNet
 from utils import CheckpointError, die, load_checkpoint
@@ -35,14 +43,16 @@ REQUIRED_RESULTS = {
     JOINT: ("joint_acc", "filter_delta_l2", "filter_delta_relative", "n_params_total", "n_params_trainable",
             "actual_train_samples")}
 REQUIRED_RESULTS[FROZEN] = REQUIRED_RESULTS[TWO_PHASE]
-COLUMNS = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "init", "arm", "head_acc", "finetune_acc",
-           "finetune_gain", "joint_acc", "filter_delta_l2", "filter_delta_relative", "n_params_total",
-           "n_params_trainable"]
+COLUMNS = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "init", "arm", "select", "head_acc",
+           "finetune_acc", "finetune_gain", "joint_acc", "last_epoch_acc", "best_test_epoch_acc", "filter_delta_l2",
+           "filter_delta_relative", "n_params_total", "n_params_trainable"]
+# The phase whose test accuracy is each arm's answer (beside it: its last epoch's and its best test epoch's).
+FINAL_PHASE = {"two-phase": "phase_b", "frozen-continuation": "phase_b", "joint": "joint"}
 # Pearson's r of fewer points says nothing (two points always lie on a line).
 MIN_POINTS_FOR_R = 3
-# Config keys that say how a run was executed, not what it measured; and those that choose its arm.
-RUN_KEYS = ("seed", "save_dir", "resume", "print_freq", "workers", "device", "threads", "compile",
-            "trust_checkpoint", "data_dir", "fast_path", "from_phase_a")
+# A t-interval from two pairs has one degree of freedom (t_0.975 = 12.7): wider than the plot says anything.
+MIN_PAIRS_FOR_CI = 3
+# Config keys that choose a run's arm (how a run was executed: train.RUN_KEYS).
 ARM_KEYS = ("init", "joint", "freeze_extractor")
 ACCURACIES = ("head_acc", "finetune_acc", "joint_acc")
 # The paired comparisons: wavelet two-phase finetune_acc minus (arm, init, accuracy column) of the same seed.
@@ -69,10 +79,22 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- reading
 
+def results_files(results_dir):
+    """Every results_*.json under results_dir, each once: a file reached through a link counts where it lies."""
+    found = glob.glob(os.path.join(results_dir, "**", "results_*.json"), recursive=True)
+    return sorted({os.path.realpath(path) for path in found})
+
+
 def load_experiments(results_dir):
-    """[(path, parsed JSON)] of every usable results_*.json, sorted by path; warns about the others."""
+    """[(path, parsed JSON)] of every usable results_*.json, sorted by path, each run once; warns about the others.
+
+    A run recorded before --select gets select 'test' and today's curve keys
+    (train.legacy_curves). Two files of one run (the same configuration,
+    arm and seed: a copied folder, a sweep cell run twice) count once: the
+    newest, with a warning naming both.
+    """
     experiments = []
-    for path in sorted(glob.glob(os.path.join(results_dir, "**", "results_*.json"), recursive=True)):
+    for path in results_files(results_dir):
         try:
             with open(path) as f:
                 exp = json.load(f)
@@ -87,8 +109,38 @@ def load_experiments(results_dir):
         if missing:
             print(f"warning: skipping {path}: missing {', '.join(missing)}", file=sys.stderr)
             continue
+        exp["curves"] = train.legacy_curves(exp["config"], exp["curves"]) if isinstance(exp.get("curves"), dict) else {}
+        exp["config"] = {**train.LEGACY_FLAGS, **exp["config"]}
         experiments.append((path, exp))
-    return experiments
+    return one_per_run(experiments)
+
+
+def run_identity(config):
+    """What makes a run the run it is: its configuration, arm and seed (how it ran left out)."""
+    return (base_configuration(config), arm_of(config), config.get("init", "wavelet"), config.get("seed"))
+
+
+def recorded_at(path, exp):
+    """When a run last recorded a result: its provenance's last session end, else the file's time."""
+    sessions = exp.get("provenance") if isinstance(exp.get("provenance"), list) else []
+    ended = [s.get("ended") or s.get("started") for s in sessions if isinstance(s, dict)]
+    stamp = pd.Timestamp(ended[-1]).timestamp() if ended and ended[-1] else None
+    return stamp if stamp is not None else os.path.getmtime(path)
+
+
+def one_per_run(experiments):
+    """Keep the newest file of each run (run_identity); warn about every file left out, naming the kept one."""
+    by_run = {}
+    for path, exp in experiments:
+        by_run.setdefault(run_identity(exp["config"]), []).append((path, exp))
+    kept = []
+    for files in by_run.values():
+        files.sort(key=lambda item: recorded_at(*item))
+        kept.append(files[-1])
+        for path, _ in files[:-1]:
+            print(f"warning: {path} records the same run (configuration, arm and seed) as {files[-1][0]}: counted "
+                  f"once, as the newer file", file=sys.stderr)
+    return sorted(kept, key=lambda item: item[0])
 
 
 def is_number(value):
@@ -107,17 +159,40 @@ def summary_table(experiments):
         config, results = exp["config"], exp["results"]
         row = {"dataset": config["dataset"], "train_size": results["actual_train_samples"],
                "n_blocks": config["n_blocks"], "L": config["L"], "modulus_type": config["modulus_type"],
-               "init": config.get("init", "wavelet"), "arm": arm_of(config)}
+               "init": config.get("init", "wavelet"), "arm": arm_of(config), "select": config["select"]}
         row.update({key: results[key] for key in COLUMNS if key in results})
-        rows.append({**row, "seed": config.get("seed"), "base": base_configuration(config), "path": path})
-    table = pd.DataFrame(rows, columns=COLUMNS + ["seed", "base", "path"]).sort_values(["dataset", "train_size", "path"])
+        row.update(optimism_columns(exp["curves"].get(FINAL_PHASE[row["arm"]])))
+        rows.append({**row, "seed": config.get("seed"), "commit": commit_of(exp), "base": base_configuration(config),
+                     "path": path})
+    table = pd.DataFrame(rows, columns=COLUMNS + ["seed", "commit", "base", "path"]).sort_values(
+        ["dataset", "train_size", "path"])
     table.index = pd.RangeIndex(1, len(table) + 1, name="exp")
     return table
 
 
 def base_configuration(config):
-    """What a run measured, without its seed, how it ran, or its arm: runs that differ only in those pair up."""
-    return json.dumps({k: v for k, v in config.items() if k not in RUN_KEYS + ARM_KEYS}, sort_keys=True)
+    """What a run measured, without its seed, how it ran, or its arm: runs that differ only in those pair up.
+
+    train.run_settings: a flag the run's config lacks (newer than the run)
+    counts at its default, or, for --select, at the rule such runs used (test).
+    """
+    return json.dumps({k: v for k, v in train.run_settings(config).items() if k not in ARM_KEYS}, sort_keys=True)
+
+
+def optimism_columns(rows):
+    """The final phase's test accuracy at its last epoch and at its best test epoch (the optimistic choice)."""
+    accuracies = [r["test_acc"] for r in rows or [] if isinstance(r, dict) and is_number(r.get("test_acc"))]
+    if not accuracies:
+        return {}
+    return {"last_epoch_acc": accuracies[-1], "best_test_epoch_acc": max(accuracies)}
+
+
+def commit_of(exp):
+    """The commit that produced a run (its last session's; '+dirty' when the tree had changes), or None."""
+    sessions = [s for s in exp.get("provenance") or [] if isinstance(s, dict)] if isinstance(
+        exp.get("provenance"), list) else []
+    commits = [f"{s.get('commit')}{'+dirty' if s.get('dirty') else ''}" for s in sessions]
+    return ",".join(dict.fromkeys(commits)) or None
 
 
 # ----------------------------------------------------------------------------- statistics over seeds
@@ -125,9 +200,12 @@ def base_configuration(config):
 def group_table(table):
     """Per configuration (base configuration and arm): n runs and the mean and std of each accuracy."""
     keys = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "init", "arm"]
-    stats = table.groupby(["base"] + keys, sort=False)[list(ACCURACIES)].agg(["mean", "std"])
+    keys = keys + ["select"]
+    grouped = table.groupby(["base"] + keys, sort=False, dropna=False)
+    stats = grouped[list(ACCURACIES) + ["last_epoch_acc", "best_test_epoch_acc"]].agg(["mean", "std"])
     stats.columns = [f"{acc}_{stat}" for acc, stat in stats.columns]
-    stats.insert(0, "n", table.groupby(["base"] + keys, sort=False).size())
+    stats.insert(0, "n", grouped.size())
+    stats.insert(1, "commits", grouped["commit"].agg(lambda c: len(set(c.fillna("unknown")))))
     stats = stats.reset_index().drop(columns="base").dropna(axis=1, how="all")
     return stats.sort_values(["dataset", "train_size", "arm"]).reset_index(drop=True)
 
@@ -147,10 +225,13 @@ def paired_comparisons(table):
             theirs = same[(same.arm == arm) & (same.init == init)] if arm else ours
             pairs = ours.merge(theirs, on="seed", suffixes=("", "_other")).dropna(subset=[column + "_other"])
             if len(pairs):
+                commits = set(pairs.commit.fillna("unknown")) | set(pairs.commit_other.fillna("unknown"))
                 rows.append({"dataset": ours.dataset.iloc[0], "train_size": ours.train_size.iloc[0],
-                             "comparison": name, **difference_stats(pairs.finetune_acc - pairs[column + "_other"])})
-    return pd.DataFrame(rows, columns=["dataset", "train_size", "comparison", "n", "mean_diff", "std_diff",
-                                       "p_value", "ci_low", "ci_high"])
+                             "select": ours["select"].iloc[0], "comparison": name,
+                             **difference_stats(pairs.finetune_acc - pairs[column + "_other"]),
+                             "commits": len(commits)})
+    return pd.DataFrame(rows, columns=["dataset", "train_size", "select", "comparison", "n", "mean_diff", "std_diff",
+                                       "p_value", "ci_low", "ci_high", "commits"])
 
 
 def difference_stats(diffs):
@@ -172,27 +253,6 @@ def configuration_label(row):
     return f"{row.dataset} J={row.n_blocks} L={row.L} {row.modulus_type}"
 
 
-# What each arm contributes to the accuracy plot: (column, marker style, legend text).
-ACCURACY_LINES = {TWO_PHASE: [("head_acc", "o--", "head only (Phase A)"), ("finetune_acc", "s-", "fine-tuned (Phase B)")],
-                  FROZEN: [("finetune_acc", "^:", "head, trained on (frozen blocks)")],
-                  JOINT: [("joint_acc", "d-.", "joint")]}
-
-
-def plot_size_vs_accuracy(plt, table, path):
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    labels = table.apply(configuration_label, axis=1) + ", " + table.init + " init"
-    for (label, arm), group in table.groupby([labels, table.arm]):
-        for column, style, text in ACCURACY_LINES[arm]:
-            stats = group.groupby("train_size")[column].agg(["mean", "std"])  # repeated seeds: mean +- std
-            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), fmt=style, capsize=3,
-                        label=f"{text}, {label}")
-    ax.set(xscale="log", xlabel="training images (log scale)", ylabel="test accuracy (%)",
-           title="Training-set size vs accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    save(plt, fig, path)
-
-
 # The data-efficiency plot's lines: (arm, init, accuracy column, legend text, marker style).
 EFFICIENCY_LINES = [(JOINT, "random", "joint_acc", "random init, joint", "d-."),
                     (TWO_PHASE, "wavelet", "head_acc", "wavelet, frozen (head only)", "o--"),
@@ -201,34 +261,43 @@ EFFICIENCY_LINES = [(JOINT, "random", "joint_acc", "random init, joint", "d-."),
 
 
 def plot_data_efficiency(plt, table, path):
-    """Accuracy vs training images (log x), mean +- std over seeds, per arm and dataset."""
+    """Accuracy vs training images (log x), mean +- std over seeds, per arm, configuration and selection rule."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for dataset, runs in table.groupby("dataset"):
+    labels = table.apply(configuration_label, axis=1) + ", select " + table["select"]
+    for label, runs in table.groupby(labels):
         for arm, init, column, text, style in EFFICIENCY_LINES:
             rows = runs[(runs.arm == arm) & (runs.init == init)].dropna(subset=[column])
             if len(rows):
                 stats = rows.groupby("train_size")[column].agg(["mean", "std", "size"])
                 low, high = stats["size"].min(), stats["size"].max()
                 ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), fmt=style, capsize=3,
-                            label=f"{text} ({dataset}, n={low if low == high else f'{low}-{high}'})")
+                            label=f"{text} ({label}, n={low if low == high else f'{low}-{high}'})")
     ax.set(xscale="log", xlabel="training images (log scale)", ylabel="test accuracy (%), mean +- std over seeds",
            title="Data efficiency: does starting from wavelets, then learning them, help?")
     ax.title.set_fontsize(9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6)
     save(plt, fig, path)
 
 
 def plot_advantage(plt, significance, path):
-    """Wavelet fine-tuned minus random joint per training-set size, with its 95 % confidence interval."""
+    """Wavelet fine-tuned minus random joint per training-set size: the mean paired difference, with its 95 %
+    confidence interval where there are at least MIN_PAIRS_FOR_CI pairs (none drawn below: say so)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     rows = significance[significance.comparison == "wavelet fine-tuned - random joint"]
-    for dataset, d in rows.groupby("dataset"):
-        low, high = (d.mean_diff - d.ci_low).fillna(0), (d.ci_high - d.mean_diff).fillna(0)
-        ax.errorbar(d.train_size, d.mean_diff, yerr=[low, high], fmt="o-", capsize=4, label=dataset)
+    for (dataset, select), d in rows.groupby(["dataset", "select"]):
+        d = d.sort_values("train_size")
+        ax.plot(d.train_size, d.mean_diff, "o-", label=f"{dataset}, select {select}, n={'/'.join(map(str, d.n))}")
+        banded = d[d.n >= MIN_PAIRS_FOR_CI]
+        if len(banded):
+            ax.errorbar(banded.train_size, banded.mean_diff, fmt="none", capsize=4, ecolor=ax.lines[-1].get_color(),
+                        yerr=[banded.mean_diff - banded.ci_low, banded.ci_high - banded.mean_diff])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set(xscale="log", xlabel="training images (log scale)", ylabel="accuracy points (paired by seed)",
-           title="Wavelet init (two-phase) over random init (joint), 95 % CI")
+           title=f"Wavelet init (two-phase) minus random init (joint): mean, 95 % CI where n >= {MIN_PAIRS_FOR_CI} "
+                 f"pairs (no band below)")
+    ax.title.set_fontsize(8)
     ax.grid(alpha=0.3)
     if len(rows):
         ax.legend(fontsize=8)
@@ -275,27 +344,39 @@ def plot_delta_vs_gain(plt, table, path):
     return r
 
 
+# The curve plot's lines per phase: (curve key, line style, legend text).
+CURVE_LINES = (("val_acc", "--", "held-out val"), ("test_acc", "-", "test"))
+
+
 def plot_curves(plt, exp, number, path):
+    """Accuracy (held-out and test) and training loss per epoch, Phase B continuing Phase A's epoch count."""
+    from matplotlib.ticker import MaxNLocator
     fig, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
     offset = 0
-    curves = exp.get("curves") if isinstance(exp.get("curves"), dict) else {}
-    for phase, style in (("phase_a", "o-"), ("phase_b", "s-"), ("joint", "d-")):
-        rows = [r for r in curves.get(phase) or [] if isinstance(r, dict)
-                and all(is_number(r.get(k)) for k in ("epoch", "val_acc", "train_loss"))]  # unusable rows: left out
-        epochs = [offset + r["epoch"] for r in rows]
-        acc_ax.plot(epochs, [r["val_acc"] for r in rows], style, markersize=3, label=f"{phase} val")
-        loss_ax.plot(epochs, [r["train_loss"] for r in rows], style, markersize=3, label=f"{phase} train")
+    for phase, marker in (("phase_a", "o"), ("phase_b", "s"), ("joint", "d")):
+        rows = [r for r in exp["curves"].get(phase) or [] if isinstance(r, dict)
+                and all(is_number(r.get(k)) for k in ("epoch", "train_loss"))]  # unusable rows: left out
+        for key, style, text in CURVE_LINES:
+            points = [(offset + r["epoch"], r[key]) for r in rows if is_number(r.get(key))]
+            if points:
+                acc_ax.plot(*zip(*points), marker + style, markersize=3, label=f"{phase} {text}")
+        if rows:
+            loss_ax.plot([offset + r["epoch"] for r in rows], [r["train_loss"] for r in rows], marker + "-",
+                         markersize=3, label=f"{phase} train")
         offset += len(rows)
-    acc_ax.set(xlabel="epoch (Phase B continues Phase A)", ylabel="validation accuracy (%)")
+    acc_ax.set(xlabel="epoch (Phase B continues Phase A)", ylabel="accuracy (%)")
     loss_ax.set(xlabel="epoch (Phase B continues Phase A)", ylabel="training loss (cross-entropy)")
     if not offset:
         acc_ax.text(0.5, 0.5, "no epochs recorded", ha="center", transform=acc_ax.transAxes)
     for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     config = exp["config"]
     fig.suptitle(f"exp{number}: {config['dataset']}, {exp['results']['actual_train_samples']:,} images, "
-                 f"J={config['n_blocks']} L={config['L']} {config['modulus_type']}", fontsize=10)
+                 f"J={config['n_blocks']} L={config['L']} {config['modulus_type']}, epochs selected by "
+                 f"{config['select']}", fontsize=10)
     save(plt, fig, path)
 
 
@@ -330,20 +411,22 @@ def model_from_checkpoint(path, trusted=False):
 
 
 def plot_filters(plt, block, path, channel=0):
-    """Real and imaginary parts per orientation, Morlet init above the learnt filter, and the low-pass."""
+    """Real and imaginary parts per orientation: Morlet init, the learnt filter, and the change (learnt - init);
+    the low-pass beside them."""
     learnt = block.diagonal_filters()
     bank = wavelet_kernels.filter_bank(block.L, block.kernel_size)
+    psi, phi = learnt["psi"][channel], learnt["phi"][channel]
     rows = [("Morlet Re", bank["psi"].real, bank["phi"]), ("Morlet Im", bank["psi"].imag, None),
-            ("learnt Re", learnt["psi"][channel].real, learnt["phi"][channel]),
-            ("learnt Im", learnt["psi"][channel].imag, None)]
+            ("learnt Re", psi.real, phi), ("learnt Im", psi.imag, None),
+            ("change Re", psi.real - bank["psi"].real, phi - bank["phi"]), ("change Im", psi.imag - bank["psi"].imag, None)]
     fig, axes = plt.subplots(len(rows), block.L + 1, figsize=(1.2 * (block.L + 1), 1.3 * len(rows)))
-    for (name, psi, phi), ax_row in zip(rows, axes):
-        scale = np.abs(psi).max()
+    for (name, row_psi, row_phi), ax_row in zip(rows, axes):
+        scale = np.abs(row_psi).max() or 1.0  # each row on its own symmetric scale (the change is small)
         for l, ax in enumerate(ax_row[:-1]):
-            ax.imshow(psi[l], cmap="RdBu_r", vmin=-scale, vmax=scale)
+            ax.imshow(row_psi[l], cmap="RdBu_r", vmin=-scale, vmax=scale)
             ax.set_title(f"l={l}" if name == "Morlet Re" else "", fontsize=7)
-        if phi is not None:
-            ax_row[-1].imshow(phi, cmap="gray")
+        if row_phi is not None:
+            ax_row[-1].imshow(row_phi, cmap="gray")
             ax_row[-1].set_title("phi", fontsize=7)
         else:
             ax_row[-1].axis("off")
@@ -351,11 +434,20 @@ def plot_filters(plt, block, path, channel=0):
         for ax in ax_row:
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(f"block 0, input channel {channel}: wavelets before (Morlet) and after training", fontsize=9)
+    fig.suptitle(f"block 0, input channel {channel}: wavelets before (Morlet), after training, and the change",
+                 fontsize=9)
     save(plt, fig, path)
 
 
-def report_filters(plt, checkpoint, plots_dir, trusted=False):
+def filters_plot_name(checkpoint, results_dir):
+    """filters_block0__<the checkpoint's path under results_dir, '/' as '__'>.png: one figure per checkpoint."""
+    relative = os.path.relpath(os.path.realpath(checkpoint), os.path.realpath(results_dir))
+    if relative.startswith(os.pardir):
+        relative = os.path.realpath(checkpoint).lstrip(os.sep)
+    return "filters_block0__" + os.path.splitext(relative)[0].replace(os.sep, "__") + ".png"
+
+
+def report_filters(plt, checkpoint, plots_dir, results_dir, trusted=False):
     model = model_from_checkpoint(checkpoint, trusted)
     block = model.blocks[0]
     if block.lowpass_only:
@@ -364,7 +456,7 @@ def report_filters(plt, checkpoint, plots_dir, trusted=False):
     table = pd.DataFrame(movement["orientations"]).set_index("orientation")
     print(f"block 0 of {checkpoint}: how far each wavelet moved from its Morlet init (mean over input channels)")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
-    path = os.path.join(plots_dir, "filters_block0.png")
+    path = os.path.join(plots_dir, filters_plot_name(checkpoint, results_dir))
     plot_filters(plt, block, path)
     print(f"saved {path}")
 
@@ -401,7 +493,7 @@ def main(args):
     plt = pyplot(args.interactive)
     if args.filters:
         plots_dir = writable_plots_dir(args.results_dir)
-        report_filters(plt, args.filters, plots_dir, args.trust_checkpoint)
+        report_filters(plt, args.filters, plots_dir, args.results_dir, args.trust_checkpoint)
     else:
         analyze_results(plt, args)
     if args.interactive:
@@ -411,6 +503,7 @@ def main(args):
 def format_table(table):
     """The summary as text: accuracies to 0.01 points, filter deltas to 4 decimals, counts with separators."""
     formats = {"head_acc": "{:.2f}", "finetune_acc": "{:.2f}", "finetune_gain": "{:+.2f}", "joint_acc": "{:.2f}",
+               "last_epoch_acc": "{:.2f}", "best_test_epoch_acc": "{:.2f}",
                "filter_delta_l2": "{:.4f}", "filter_delta_relative": "{:.4f}", "train_size": "{:,}",
                "n_params_total": "{:,}", "n_params_trainable": "{:,}"}
     return table.drop(columns="path").to_string(na_rep="-", formatters={k: f.format for k, f in formats.items()})
@@ -423,24 +516,28 @@ def analyze_results(plt, args):
     table = summary_table(experiments)
     plots_dir = writable_plots_dir(args.results_dir)
     groups, significance = group_table(table), paired_comparisons(table)
-    print(format_table(table.drop(columns=["seed", "base"])))
-    print("\nper configuration (mean and std over seeds, n runs):")
+    print(format_table(table.drop(columns=["seed", "base", "commit"])))
+    print("\nper configuration and selection rule (mean and std over seeds, n runs; last_epoch / best_test_epoch: the "
+          "same runs' final-phase test accuracy at the last epoch and at the best test epoch, the optimistic choice):")
     print(groups.to_string(float_format=lambda v: f"{v:.2f}", na_rep="-"))
     print("\npaired by seed (accuracy points; p: paired t-test; CI: 95 %):")
     print(significance.to_string(float_format=lambda v: f"{v:.4g}", na_rep="-") if len(significance)
           else "no wavelet two-phase run has a control with the same seed and configuration")
-    names = ("summary.csv", "runs.csv", "significance.csv", "plot_size_vs_accuracy.png", "plot_size_vs_gain.png",
-             "plot_delta_vs_gain.png", "plot_data_efficiency.png", "plot_advantage.png")
+    mixed = len(groups[groups.commits > 1]) + len(significance[significance.commits > 1])
+    if mixed:
+        print(f"warning: {mixed} row(s) above combine runs of different code versions (column commits; the "
+              f"commit of each run is in runs.csv)", file=sys.stderr)
+    names = ("summary.csv", "runs.csv", "significance.csv", "plot_size_vs_gain.png", "plot_delta_vs_gain.png",
+             "plot_data_efficiency.png", "plot_advantage.png")
     saved = [os.path.join(plots_dir, name) for name in names]
     groups.to_csv(saved[0], index=False)
     table.drop(columns="base").to_csv(saved[1])
     significance.to_csv(saved[2], index=False)
-    plot_size_vs_accuracy(plt, table, saved[3])
     fine_tuned = table[table.arm == TWO_PHASE]  # the gain plots are about learning the filters
-    plot_size_vs_gain(plt, fine_tuned, saved[4])
-    r = plot_delta_vs_gain(plt, fine_tuned, saved[5])
-    plot_data_efficiency(plt, table, saved[6])
-    plot_advantage(plt, significance, saved[7])
+    plot_size_vs_gain(plt, fine_tuned, saved[3])
+    r = plot_delta_vs_gain(plt, fine_tuned, saved[4])
+    plot_data_efficiency(plt, table, saved[5])
+    plot_advantage(plt, significance, saved[6])
     if args.curves:
         os.makedirs(os.path.join(plots_dir, "curves"), exist_ok=True)
         by_path = dict(experiments)

@@ -12,6 +12,7 @@ Two pipelines draw from the same augmentation distribution (SPEC.md, "Data augme
   and pinned memory: the only path for ImageNet, and the reference for the
   fast path's tests.
 """
+import copy
 import gzip
 import math
 import os
@@ -36,8 +37,12 @@ SYNTHETIC_SIZES = {"train": 4000, "test": 1000}
 IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # the usual 0.875 centre-crop ratio
 
 
-# Random streams of an epoch, told apart by the last key of stream_seed.
-SHUFFLE_STREAM, AUGMENT_STREAM = 0, 1
+# Random streams, told apart by the last key of stream_seed: an epoch's shuffle and augmentation, and the
+# draw of the held-out validation split (its own stream, so it does not move when --train-size changes).
+SHUFFLE_STREAM, AUGMENT_STREAM, HOLDOUT_STREAM = 0, 1, 2
+# --select val's held-out split by default: this share of the training pool, at most HOLDOUT_MAX images
+# (the usual 90/10 split, capped so that ImageNet's stays a 5,000-image evaluation per epoch).
+HOLDOUT_SHARE, HOLDOUT_MAX = 0.1, 5000
 
 
 def stream_seed(*keys):
@@ -382,10 +387,10 @@ def dataset_labels(dataset):
 
 # ----------------------------------------------------------------------------- subsets
 
-def parse_train_size(text):
-    """'0.1' -> 0.1 (a fraction), '5000' -> 5000 (a count), None -> None (everything)."""
-    if text is None:
-        return None
+def parse_size(text, flag="--train-size"):
+    """'0.1' -> 0.1 (a fraction), '5000' -> 5000 (a count), None -> None (the default)."""
+    if text is None or isinstance(text, (int, float)):
+        return text
     try:
         return int(text)
     except ValueError:
@@ -393,7 +398,18 @@ def parse_train_size(text):
     try:
         return float(text)
     except ValueError:
-        raise DatasetError(f"--train-size must be a fraction like 0.1 or a count like 5000, got {text!r}") from None
+        raise DatasetError(f"{flag} must be a fraction like 0.1 or a count like 5000, got {text!r}") from None
+
+
+def subset_count(size, n, flag="--train-size"):
+    """How many images a --train-size / --val-size of a pool of n means: a fraction of n, or a count."""
+    if isinstance(size, float):
+        if not 0 < size <= 1:
+            raise DatasetError(f"{flag} fraction must be in (0, 1], got {size}")
+        return max(1, round(size * n))
+    if not 1 <= size <= n:
+        raise DatasetError(f"{flag} count must be between 1 and the dataset size {n}, got {size}")
+    return size
 
 
 def stratified_subset(labels, train_size, seed=0):
@@ -406,14 +422,7 @@ def stratified_subset(labels, train_size, seed=0):
     n = len(labels)
     if train_size is None:
         return torch.arange(n)
-    if isinstance(train_size, float):
-        if not 0 < train_size <= 1:
-            raise DatasetError(f"--train-size fraction must be in (0, 1], got {train_size}")
-        total = max(1, round(train_size * n))
-    else:
-        if not 1 <= train_size <= n:
-            raise DatasetError(f"--train-size count must be between 1 and the dataset size {n}, got {train_size}")
-        total = train_size
+    total = subset_count(train_size, n)
     classes, counts = torch.unique(labels, return_counts=True)
     quota = counts.double() * total / n
     take = quota.floor().long()
@@ -425,6 +434,43 @@ def stratified_subset(labels, train_size, seed=0):
         members = torch.nonzero(labels == c).flatten()
         chosen.append(members[torch.randperm(len(members), generator=g)[:int(k)]])
     return torch.cat(chosen).sort().values
+
+
+def holdout_count(val_size, n):
+    """Images in the held-out split of a pool of n: --val-size, or HOLDOUT_SHARE of n capped at HOLDOUT_MAX."""
+    if val_size is None:
+        return max(1, min(HOLDOUT_MAX, round(HOLDOUT_SHARE * n)))
+    count = subset_count(val_size, n, "--val-size")
+    if count >= n:
+        raise DatasetError(f"--val-size {val_size} leaves no training images (the pool has {n:,})")
+    return count
+
+
+def split_pool(labels, train_size, seed=0, holdout=False, val_size=None):
+    """(training indices, held-out validation indices) into the training pool, both sorted.
+
+    Without holdout: the stratified_subset of the whole pool, and no
+    validation indices (the behaviour before held-out selection existed).
+    With holdout: the validation split is drawn first, class-stratified, from
+    its own random stream (HOLDOUT_STREAM); the training subset is then drawn
+    from the rest. A --train-size fraction is still a fraction of the whole
+    pool, so a run's training-set size does not depend on whether it holds
+    images out.
+    """
+    if not holdout:
+        return stratified_subset(labels, train_size, seed), torch.arange(0)
+    n = len(labels)
+    held = stratified_subset(labels, holdout_count(val_size, n), stream_seed(seed, HOLDOUT_STREAM))
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[held] = False
+    rest = torch.nonzero(rest).flatten()
+    if train_size is None:
+        return rest, held
+    count = subset_count(train_size, n)
+    if count > len(rest):
+        raise DatasetError(f"--train-size {train_size} ({count:,} images) and the held-out validation split "
+                           f"({len(held):,}) need more than the {n:,} training images: lower one (--val-size)")
+    return rest[stratified_subset(labels[rest], count, seed)], held
 
 
 # ----------------------------------------------------------------------------- fast path
@@ -558,10 +604,12 @@ class EpochDataLoader:
 @dataclass
 class Loaders:
     train: object  # TensorLoader or EpochDataLoader, both with set_epoch()
-    val: object
+    val: object  # the held-out validation split (--select val), or None
+    test: object
     info: DatasetInfo
     n_train: int  # images in the (subset of the) training set
-    n_val: int
+    n_val: int  # images held out of the training pool for model selection (0: none)
+    n_test: int
 
 
 class Transformed(torch.utils.data.Dataset):
@@ -579,16 +627,17 @@ class Transformed(torch.utils.data.Dataset):
 
 
 def build_loaders(name, data_dir, train_size, batch_size, device, fast_path=None, workers=4, seed=0, rank=0,
-                  world_size=1, augment=True, image_size=None):
-    """Train and validation loaders (per-rank batch_size) with the dataset's facts, as ``Loaders``.
+                  world_size=1, augment=True, image_size=None, holdout=False, val_size=None):
+    """Train, held-out validation and test loaders (per-rank batch_size) with the dataset's facts, as ``Loaders``.
 
     fast_path None: on for the datasets held in memory (on CPU too, where it
     is faster than worker processes for these small images), off for
-    ImageNet and folders too big for memory. The subset depends only on
-    (dataset, train_size, seed), so every rank draws the same one.
-    augment=False trains on the images as they are (no crop, no flip;
-    in-memory datasets only): the protocol of the usual fixed-scattering +
-    linear baselines.
+    ImageNet and folders too big for memory. The subsets depend only on
+    (dataset, train_size, val_size, seed), so every rank draws the same ones
+    (split_pool). holdout: carve a validation split out of the training pool
+    (val None without it). augment=False trains on the images as they are
+    (no crop, no flip; in-memory datasets only): the protocol of the usual
+    fixed-scattering + linear baselines.
     """
     if not augment and name not in IN_MEMORY:
         raise DatasetError(f"--no-augment is for the in-memory datasets {IN_MEMORY}, not {name}")
@@ -601,22 +650,31 @@ def build_loaders(name, data_dir, train_size, batch_size, device, fast_path=None
                            f"--fast-path and --no-augment need it there")
     if not augment:
         info = replace(info, crop_padding=0, flip=False)
-    subset = stratified_subset(dataset_labels(train), train_size, seed)
+    subset, held = split_pool(dataset_labels(train), train_size, seed, holdout, val_size)
     fast_path = in_memory if fast_path is None else fast_path
-    n_val = len(dataset_labels(test))
-    if name == "imagenet":
-        train_ds, test_ds = torch.utils.data.Subset(train, subset.tolist()), test
-    elif fast_path:
-        train = (train[0][subset], train[1][subset])
-        return Loaders(TensorLoader(*train, info, batch_size, device, True, seed, rank, world_size),
-                       TensorLoader(*test, info, batch_size, device, False, seed, rank, world_size),
-                       info, len(subset), n_val)
+    sizes = (len(subset), len(held), len(dataset_labels(test)))
+    if fast_path:
+        def loader(images, labels, training):
+            return TensorLoader(images, labels, info, batch_size, device, training, seed, rank, world_size)
+        return Loaders(loader(train[0][subset], train[1][subset], True),
+                       loader(train[0][held], train[1][held], False) if holdout else None,
+                       loader(*test, False), info, *sizes)
+    if name == "imagenet":  # ImageFolders with their transforms; the held-out images get the test one
+        untransformed = copy.copy(train)
+        untransformed.transform = test.transform
+        train_ds, held_ds, test_ds = (torch.utils.data.Subset(train, subset.tolist()),
+                                      torch.utils.data.Subset(untransformed, held.tolist()), test)
     elif in_memory:
         train_ds = TensorImageDataset(train[0][subset], train[1][subset], torchvision_transforms(info, train=True))
+        held_ds = TensorImageDataset(train[0][held], train[1][held], torchvision_transforms(info, train=False))
         test_ds = TensorImageDataset(*test, torchvision_transforms(info, train=False))
     else:
+        evaluation = torchvision_transforms(info, train=False)
         train_ds = Transformed(torch.utils.data.Subset(train, subset.tolist()), torchvision_transforms(info, train=True))
-        test_ds = Transformed(test, torchvision_transforms(info, train=False))
-    return Loaders(EpochDataLoader(train_ds, batch_size, True, workers, device, seed, rank, world_size),
-                   EpochDataLoader(test_ds, batch_size, False, workers, device, seed, rank, world_size),
-                   info, len(subset), n_val)
+        held_ds = Transformed(torch.utils.data.Subset(train, held.tolist()), evaluation)
+        test_ds = Transformed(test, evaluation)
+
+    def loader(dataset, training):
+        return EpochDataLoader(dataset, batch_size, training, workers, device, seed, rank, world_size)
+    return Loaders(loader(train_ds, True), loader(held_ds, False) if holdout else None, loader(test_ds, False), info,
+                   *sizes)

@@ -124,14 +124,18 @@ def evaluate(model, loader, device, amp=False, channels_last=False):
 
 
 class EarlyStopping:
-    """Stop when validation accuracy has not improved for ``patience`` epochs."""
+    """The selected epoch: the best score so far, stopping after ``patience`` epochs without a new best.
+
+    patience None (--select last): no score and no stopping; the latest
+    epoch is always the selected one (the fixed-budget protocol).
+    """
 
     def __init__(self, patience):
         self.patience, self.best, self.best_epoch, self.bad_epochs = patience, float("-inf"), 0, 0
 
     def step(self, value, epoch):
-        """Record an epoch's validation accuracy; True when it is a new best."""
-        if value > self.best:
+        """Record an epoch's score (None under patience None); True when the epoch becomes the selected one."""
+        if self.patience is None or value > self.best:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
             return True
         self.bad_epochs += 1
@@ -139,7 +143,7 @@ class EarlyStopping:
 
     @property
     def should_stop(self):
-        return self.bad_epochs >= self.patience
+        return self.patience is not None and self.bad_epochs >= self.patience
 
     def state_dict(self):
         return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}

@@ -37,15 +37,17 @@ def get_args_parser():
 def fit_single_phase(phase, model, env, args, save_dir):
     """AdamW on every trainable parameter at --lr, cosine over --epochs, train.py's epoch loop and checkpoints.
 
-    Saves <save_dir>/best.pth and last.pth; returns (best val acc, its epoch, the per-epoch curves).
+    Saves <save_dir>/best.pth (the epoch --select chose) and last.pth;
+    returns (that epoch's test accuracy, the epoch, the per-epoch curves).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = train.adamw([{"params": params, "lr": args.lr, "name": "all", "nominal_lr": args.lr}],
                             args.weight_decay)
     state = train.RunState(vars(args), json_path=None, curves={phase: []})
-    _, best_acc, best_epoch, _ = train.run_phase(phase, model, optimizer, env, args, state, save_dir, args.epochs)
+    state.begin_session(env["device"], env["world_size"])
+    _, epoch = train.run_phase(phase, model, optimizer, env, args, state, save_dir, args.epochs)
     train.finish_phase(state, save_dir)
-    return best_acc, best_epoch, state.curves[phase]
+    return train.selected_row(state.curves[phase], epoch)["test_acc"], epoch, state.curves[phase]
 
 
 def main(args):
@@ -61,10 +63,10 @@ def main(args):
     model = train.build_model(config, args.seed, env["device"], args.channels_last)
     train.describe_run(env, model, "quick_check.py")
     with env["lock"]:
-        best_acc, best_epoch, curves = fit_single_phase("quick_check", model, env, args, args.save_dir)
-    main_print(f"best val acc {best_acc:.2f}% (epoch {best_epoch}) in {format_seconds(time.perf_counter() - start)}; "
-               f"model saved to {os.path.join(args.save_dir, 'best.pth')}")
-    return {"best_acc": best_acc, "best_epoch": best_epoch, "curves": curves}
+        test_acc, epoch, curves = fit_single_phase("quick_check", model, env, args, args.save_dir)
+    main_print(f"test acc {test_acc:.2f}% at epoch {epoch} (selected by {args.select}) in "
+               f"{format_seconds(time.perf_counter() - start)}; model saved to {os.path.join(args.save_dir, 'best.pth')}")
+    return {"test_acc": test_acc, "selected_epoch": epoch, "curves": curves}
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@
 Every train.py flag given a comma list is an axis of the grid; every other one is shared by
 all cells. --arm sets the experimental arm of a cell (ARMS below); without it each --init value
 is one arm, and random init trains --joint unless the grid says otherwise. Each cell runs
-train.py in its own save-dir under --out, named from its settings. A finished cell is skipped,
-an interrupted one resumed (--resume), a failing one reported at the end with its log; Ctrl-C
-stops every running cell cleanly and the next call carries on.
+train.py in its own save-dir under --out, named from its arm, its axes and its --train-size and
+--seed. A cell is known by its full settings (the config its run recorded), not by its folder's
+name: extending a grid (a seed, a size, an arm) reruns nothing that already ran, however the
+earlier command was written, and a folder holding a run of other settings (a changed shared
+flag) is never taken as done: the sweep refuses before anything runs. A finished cell is
+skipped, an interrupted one resumed (--resume), a failing one reported at the end with its log;
+Ctrl-C stops every running cell cleanly and the next call carries on.
 
 Slots: --gpus 0,1,2,3 runs one cell per GPU (CUDA_VISIBLE_DEVICES), --gpus 0-3:2 two per GPU;
 without GPUs --jobs N runs N cells with the CPU threads split between them.
@@ -33,6 +37,8 @@ from utils import die, format_seconds
 # The experimental arms, as train.py flags.
 ARMS = {"wavelet-two-phase": ["--init", "wavelet"], "wavelet-frozen": ["--init", "wavelet", "--freeze-extractor"],
         "wavelet-joint": ["--init", "wavelet", "--joint"], "random-joint": ["--init", "random", "--joint"]}
+# Named in every cell's folder when given, as an axis or not: the flags a grid is most often extended along.
+ALWAYS_NAMED = ("--train-size", "--seed")
 # What a finished run's results JSON holds.
 FINAL_KEYS = ("finetune_acc", "joint_acc")
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
@@ -91,15 +97,61 @@ def cells(axes, shared, arms):
     if arms is None and "--init" in axes:
         arms = [f"{init}-{'joint' if init == 'random' else 'two-phase'}" for init in axes.pop("--init")]
         names.remove("--init")
+    fixed = {flag: shared[shared.index(flag) + 1] for flag in ALWAYS_NAMED if flag in shared and flag not in names}
+    order = [n for n in names if n not in ALWAYS_NAMED] + [f for f in ALWAYS_NAMED if f in names or f in fixed]
     grid = []
     for arm in arms or [None]:
         for values in itertools.product(*(axes[n] for n in names)):
-            settings = ([f"arm={arm}"] if arm else []) + [f"{n.lstrip('-')}={v}" for n, v in zip(names, values)]
+            value_of = {**fixed, **dict(zip(names, values))}
+            settings = ([f"arm={arm}"] if arm else []) + [f"{n.lstrip('-')}={value_of[n]}" for n in order]
             argv = list(shared) + (ARMS[arm] if arm else []) + [x for n, v in zip(names, values) for x in (n, v)]
             if random_init(argv) and "--joint" not in argv and "--joint" not in names:
                 argv.append("--joint")  # random init's protocol
             grid.append(("__".join(settings) or "run", argv))
     return grid
+
+
+def cell_settings(argv):
+    """(train.run_settings, seed) of the run a cell's train.py argv makes; seed None: train.py draws one."""
+    config = vars(train.get_args_parser().parse_args(argv))
+    return train.run_settings(config), config["seed"]
+
+
+def recorded_settings(save_dir):
+    """(train.run_settings, seed) of the run a folder's newest readable results JSON records, or None."""
+    for path in sorted(glob.glob(os.path.join(save_dir, "results_*.json")), reverse=True):
+        try:
+            with open(path) as f:
+                config = json.load(f)["config"]
+            return train.run_settings(config), config.get("seed")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return None
+
+
+def place_cells(grid, out):
+    """[(name, save_dir, argv)]: each cell in the folder under ``out`` that holds its run, whatever an earlier
+    command named it (the folder of its own name first), else in a new folder of its name.
+
+    Dies, before anything runs, when that name holds a run of other settings.
+    """
+    folders = sorted(glob.glob(os.path.join(glob.escape(out), "*", "")))
+    recorded = {os.path.normpath(f): recorded_settings(f) for f in folders}
+    placed = []
+    for name, argv in grid:
+        settings, seed = cell_settings(argv)
+        own = os.path.join(out, name)
+        candidates = [own] + [f for f in recorded if f != own]
+        home = next((f for f in candidates if recorded.get(f) and recorded[f][0] == settings
+                     and (seed is None or recorded[f][1] == seed)), None)
+        if home is None and recorded.get(own):
+            before, _ = recorded[own]
+            changed = ", ".join(f"--{k.replace('_', '-')} {before.get(k)!r} (now {settings.get(k)!r})"
+                                for k in sorted(set(before) | set(settings)) if before.get(k) != settings.get(k))
+            die(f"--out {out}: {own} holds a run of other settings ({changed or 'another seed'}): a changed shared "
+                f"flag is a new grid; choose another --out")
+        placed.append((name, home or own, argv))
+    return placed
 
 
 def random_init(argv):
@@ -233,15 +285,16 @@ def main(args, extra):
         die(f"--jobs must be >= 1, got {args.jobs}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         die(f"--out {args.out} is a file, not a folder")
-    grid = [(name, os.path.join(args.out, name), argv) for name, argv in cells(axes, shared, arms)]
+    grid = place_cells(cells(axes, shared, arms), args.out)
     states = {name: state_of(save_dir) for name, save_dir, _ in grid}
     if args.print_commands:
         for name, save_dir, argv in grid:
             print(" ".join(command(argv, save_dir, states[name] == "interrupted")))
         return 0
     if args.dry_run:
-        for name, _, _ in grid:
-            print(f"{states[name]:<12} {name}")
+        for name, save_dir, _ in grid:
+            elsewhere = os.path.normpath(save_dir) != os.path.normpath(os.path.join(args.out, name))
+            print(f"{states[name]:<12} {name}" + (f" (its run is in {save_dir})" if elsewhere else ""))
         print(f"{sum(s == 'done' for s in states.values())} of {len(grid)} cells done")
         return 0
     slots = parse_gpus(args.gpus) if args.gpus else [None] * args.jobs

@@ -34,7 +34,7 @@ from scattering_net import (TRAINING_BYTES_PER_PARAM, ModelConfig, ScatteringNet
                             describe_plan)
 from utils import (CheckpointError, SaveDirLock, barrier, broadcast_object, cleanup_distributed, device_memory_bytes, die,
                    distributed_env, init_distributed, is_main_process, keep_freed_memory, load_checkpoint, main_print,
-                   replicas_agree, save_checkpoint, seed_everything, write_json)
+                   now_iso, provenance, replicas_agree, save_checkpoint, seed_everything, write_json)
 
 PHASES = ("phase_a", "phase_b")
 TRAINING_DEVICES = ("cpu", "cuda", "mps")
@@ -51,6 +51,23 @@ PHASE_B_RECIPE = {"lr_head_finetune": None, "warmup_epochs": 3.0, "carry_head_st
 HEAD_FINETUNE_FACTOR = 0.1
 # The flags that only act in Phase B: the ones a --from-phase-a run may set differently from its source.
 PHASE_B_FLAGS = ("epochs", "lr_extractor", "freeze_extractor", "l2_sp", *PHASE_B_RECIPE, "save_dir", "from_phase_a")
+# Model selection (--select): which data choose the epoch a phase reports. val: a split held out of the
+# training pool; last: the final epoch (fixed budget); test: the best test epoch (optimistic).
+SELECT_RULES = ("val", "last", "test")
+DEFAULT_SELECT = "val"
+# The value of a flag in a run recorded before the flag existed, where it is not the parser's default:
+# every run before --select chose its epochs on the test split.
+LEGACY_FLAGS = {"select": "test"}
+# A resumed or branched run that leaves one of these flags out takes the saved run's value.
+INHERITED_FLAGS = ("seed", "select", "val_size")
+# Per-epoch keys of a run recorded before --select: its val_* columns were measured on the test split.
+LEGACY_CURVE_KEYS = {"val_loss": "test_loss", "val_acc": "test_acc", "val_top5": "test_top5"}
+# Config keys that say how or where a run was executed, not what it computed: left out when runs are compared
+# (analyze.py pairs and groups runs that differ only in these; sweep.py finds a cell's run in any folder).
+RUN_KEYS = ("seed", "save_dir", "resume", "print_freq", "workers", "device", "threads", "compile",
+            "trust_checkpoint", "data_dir", "fast_path", "from_phase_a")
+# A warm-up as long as its phase never reaches the cosine: it is clamped to this share of the phase.
+WARMUP_MAX_SHARE = 1 / 3
 # Exit code of a run stopped by a NaN or infinite loss (README.md, "Failures and recovery").
 EXIT_DIVERGED = 3
 # Exit code after Ctrl-C (SIGINT): 128 + 2, as shells report a process killed by SIGINT.
@@ -71,6 +88,16 @@ def add_data_args(parser, default_dataset="cifar10"):
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                        help="SPEC.md's training augmentation (random crop, flip where the dataset has it); "
                             "--no-augment: none (in-memory datasets)")
+    selection = parser.add_argument_group("model selection")
+    selection.add_argument("--select", choices=SELECT_RULES, default=None,
+                           help="the epoch each phase reports (test accuracy) and keeps as best.pth: val, the best "
+                                "epoch on a split held out of the training pool (early stopping on it); last, the "
+                                "final epoch (no early stopping); test, the best test epoch (optimistic: how runs "
+                                f"were selected before this flag). Default: {DEFAULT_SELECT}; a resumed run keeps its own")
+    selection.add_argument("--val-size", default=None,
+                           help="--select val: images held out of the training pool, a fraction (0.1) or a count "
+                                f"(5000), class-stratified; default: {data.HOLDOUT_SHARE:.0%} of the pool, at most "
+                                f"{data.HOLDOUT_MAX:,}")
 
 
 def add_runtime_args(parser):
@@ -158,10 +185,14 @@ def check_common_args(args, batch_size, world_size):
             die(f"{flag} must be a finite number >= 0, got {value}")
     if batch_size < 1 or batch_size % world_size:
         die(f"the batch size {batch_size} must be a positive multiple of the number of processes ({world_size})")
+    args.select = args.select or DEFAULT_SELECT
     try:
-        args.train_size = data.parse_train_size(args.train_size)
+        args.train_size = data.parse_size(args.train_size)
+        args.val_size = data.parse_size(args.val_size, "--val-size")
     except data.DatasetError as e:
         die(e)
+    if args.val_size is not None and args.select != "val":
+        die(f"--val-size is for --select val: --select {args.select} holds no images out")
     try:
         return count_parameters(ModelConfig.from_args(args, data.dataset_info(args.dataset, args.data_dir,
                                                                                args.image_size)))
@@ -245,7 +276,7 @@ def start(args, batch_size, device, rank, world_size):
     try:
         loaders = data.build_loaders(args.dataset, args.data_dir, args.train_size, batch_size // world_size, device,
                                      args.fast_path, args.workers, seed, rank, world_size, args.augment,
-                                     args.image_size)
+                                     args.image_size, holdout=args.select == "val", val_size=args.val_size)
     except data.DatasetError as e:
         die(data.error_line(e))
     return {"rank": rank, "world_size": world_size, "device": device, "seed": seed, "data": loaders}
@@ -278,8 +309,10 @@ def describe_run(env, model, mode):
     loaders = env["data"]
     info = loaders.info
     loader = "in-memory fast path" if isinstance(loaders.train, data.TensorLoader) else "DataLoader"
-    main_print(f"{mode}: {info.name} ({loaders.n_train:,} training images, {info.in_channels}x{info.spatial}x"
-               f"{info.spatial}), {loader}, device {env['device']}, {env['world_size']} process(es), seed {env['seed']}")
+    held_out = f"{loaders.n_val:,} held out for --select val, " if loaders.val is not None else ""
+    main_print(f"{mode}: {info.name} ({loaders.n_train:,} training images, {held_out}{loaders.n_test:,} test; "
+               f"{info.in_channels}x{info.spatial}x{info.spatial}), {loader}, device {env['device']}, "
+               f"{env['world_size']} process(es), seed {env['seed']}")
     for line in model.describe():
         main_print("  " + line)
 
@@ -307,18 +340,20 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def make_checkpoint(model, model_state, phase, epoch, best_val_acc, run_config, training=None):
+def make_checkpoint(model, model_state, phase, epoch, best_val_acc, run_config, training=None, provenance=None):
     """The one place the checkpoint dict is built; loadable as SPEC.md's snippet shows.
 
     run_config: the run's flags (``config``, compared on --resume); the
     model's ModelConfig goes under ``model_config`` (None for another model,
-    e.g. benchmark.py's kymatio network). training: the optimizer,
-    scheduler, early-stopping and run-state fields of a last.pth.
+    e.g. benchmark.py's kymatio network). best_val_acc: the selection score
+    of the selected epoch (None under --select last). training: the
+    optimizer, scheduler, early-stopping and run-state fields of a last.pth.
+    provenance: the run's sessions (utils.provenance), newest last.
     """
     config = getattr(model, "config", None)
     return {"state_dict": model_state, "phase": phase, "epoch": epoch, "best_val_acc": best_val_acc,
             "config": run_config, "model_config": asdict(config) if isinstance(config, ModelConfig) else None,
-            "rng": rng_state(), **(training or {})}
+            "rng": rng_state(), "provenance": provenance or [], **(training or {})}
 
 
 def cpu_state(model):
@@ -330,9 +365,13 @@ class RunState:
     """What a run has recorded so far, fresh or resumed: built once by ``load_run_state``.
 
     ``save()`` writes the results JSON (SPEC.md, "Experiment output"):
-    ``config``, ``results``, ``curves``. ``resume`` is the last.pth the run
+    ``config``, ``results``, ``curves``, and ``provenance``: one entry per
+    session (the start and each resume) saying what code, libraries,
+    machine and command ran it. ``resume`` is the last.pth the run
     continues from (None for a fresh run); ``start_phase`` the phase it
-    continues in. json_path None: no JSON (quick_check.py).
+    continues in; ``legacy``: it was started before --select existed (its
+    epochs are chosen on test and its warm-up is never clamped, as when it
+    began). json_path None: no JSON (quick_check.py).
     """
     config: dict
     json_path: Optional[str]
@@ -340,10 +379,26 @@ class RunState:
     results: dict = field(default_factory=dict)
     start_phase: str = PHASES[0]
     resume: Optional[dict] = None
+    provenance: list = field(default_factory=list)
+    legacy: bool = False
+
+    def begin_session(self, device, world_size):
+        """Record this session's provenance; warn when the code changed since the run's previous session."""
+        session = provenance(device, world_size)
+        if self.provenance and self.provenance[-1].get("commit") != session["commit"]:
+            main_print(f"warning: this run was started by commit {self.provenance[-1].get('commit')} and continues "
+                       f"with {session['commit']}: its provenance records both", file=sys.stderr)
+        self.provenance.append(session)
+
+    def add_wall_time(self, phase, seconds):
+        session = self.provenance[-1]
+        session["wall_seconds"][phase] = session["wall_seconds"].get(phase, 0.0) + seconds
+        session["ended"] = now_iso()
 
     def save(self):
         if self.json_path and is_main_process():
-            write_json(self.json_path, {"config": self.config, "results": self.results, "curves": self.curves})
+            write_json(self.json_path, {"config": self.config, "results": self.results, "curves": self.curves,
+                                        "provenance": self.provenance})
 
     def resume_point(self, phase):
         """The last.pth to continue ``phase`` from, or None when the phase starts afresh."""
@@ -351,6 +406,21 @@ class RunState:
 
     def checkpoint_fields(self):
         return {"results": self.results, "curves_all": self.curves, "json_path": self.json_path}
+
+
+def legacy_curves(config, curves):
+    """A run's per-epoch curves with today's keys: a run recorded before --select named its test columns val_*."""
+    if "select" in config:
+        return curves
+    return {phase: [{LEGACY_CURVE_KEYS.get(k, k): v for k, v in row.items()} if isinstance(row, dict) else row
+                    for row in rows] for phase, rows in curves.items()}
+
+
+def inherit_flags(args, saved):
+    """A resumed or branched run takes the saved run's value of each INHERITED_FLAGS flag it left out."""
+    for name in INHERITED_FLAGS:
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name, LEGACY_FLAGS.get(name)))
 
 
 def read_checkpoint(path, args):
@@ -382,6 +452,25 @@ def find_last_checkpoint(args):
     return last
 
 
+def run_settings(config):
+    """What a run computes, from its recorded config or a command's parsed flags, comparable across both.
+
+    A flag the config lacks (newer than the run) counts at its LEGACY_FLAGS
+    value, else its default; flags train.py resolves at start (--select,
+    --head-epochs, the sizes) are resolved the same way; RUN_KEYS left out.
+    """
+    defaults = vars(get_args_parser().parse_args([]))
+    settings = {k: config.get(k, LEGACY_FLAGS.get(k, defaults.get(k))) for k in {**defaults, **config}}
+    settings["select"] = settings["select"] or DEFAULT_SELECT
+    settings["head_epochs"] = settings["head_epochs"] or settings["epochs"]
+    for key, flag in (("train_size", "--train-size"), ("val_size", "--val-size")):
+        try:
+            settings[key] = data.parse_size(settings[key], flag)
+        except data.DatasetError:
+            pass  # compared as written; train.py refuses it when the run starts
+    return {k: v for k, v in sorted(settings.items()) if k not in RUN_KEYS}
+
+
 def check_same_flags(saved, args, what, ignored=()):
     """Flags that change the experiment must match the saved run's (a left-out --seed was taken from it).
 
@@ -389,7 +478,8 @@ def check_same_flags(saved, args, what, ignored=()):
     """
     ignored = {"resume", "print_freq", "workers", "device", "threads", "compile", "trust_checkpoint", *ignored}
     current, defaults = vars(args), get_args_parser()
-    saved = {k: saved.get(k, defaults.get_default(k)) for k in current}  # a flag newer than the run: its default
+    # a flag newer than the run: its legacy value, else its default
+    saved = {k: saved.get(k, LEGACY_FLAGS.get(k, defaults.get_default(k))) for k in current}
     differ = [k for k in current if k not in ignored and saved[k] != current[k]]
     if differ:
         die(f"{what}: " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in differ))
@@ -426,7 +516,8 @@ def branch_phase_a(args, last, best):
     check_same_flags(last["config"], args, f"--from-phase-a: these flags differ from the run in {args.from_phase_a}",
                      PHASE_B_FLAGS)
     config = dict(vars(args))
-    last = {**last, "config": config, "json_path": new_json_path(args.save_dir)}
+    last = {**last, "config": config, "json_path": new_json_path(args.save_dir),
+            "curves_all": legacy_curves(last["config"], last["curves_all"])}
     if is_main_process():
         for name, checkpoint in (("last.pth", last), ("best.pth", {**best, "config": config})):
             save_checkpoint(os.path.join(args.save_dir, "phase_a", name), checkpoint)
@@ -452,7 +543,9 @@ def load_run_state(args, seed, last):
     args.seed = last["config"]["seed"]
     start = phases[phases.index(last["phase"]) + 1] if last["finished"] and last["phase"] != phases[-1] \
         else last["phase"]
-    return RunState(vars(args), last["json_path"], last["curves_all"], last["results"], start, last)
+    return RunState(vars(args), last["json_path"], legacy_curves(last["config"], last["curves_all"]),
+                    last["results"], start, last, list(last.get("provenance") or []),
+                    legacy="select" not in last["config"])
 
 
 def save_epoch(state, ckpt_dir, phase, epoch, model, model_state, stopper, improved, optimizer, scheduler):
@@ -464,11 +557,13 @@ def save_epoch(state, ckpt_dir, phase, epoch, model, model_state, stopper, impro
         return
     if improved:
         save_checkpoint(os.path.join(ckpt_dir, "best.pth"),
-                        make_checkpoint(model, model_state, phase, epoch, stopper.best, state.config))
+                        make_checkpoint(model, model_state, phase, epoch, stopper.best, state.config,
+                                        provenance=state.provenance))
     training = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "early_stopping": stopper.state_dict(), "finished": False, **state.checkpoint_fields()}
     save_checkpoint(os.path.join(ckpt_dir, "last.pth"),
-                    make_checkpoint(model, model_state, phase, epoch, stopper.best, state.config, training))
+                    make_checkpoint(model, model_state, phase, epoch, stopper.best, state.config, training,
+                                    state.provenance))
     state.save()
 
 
@@ -476,7 +571,8 @@ def finish_phase(state, ckpt_dir):
     """Mark a phase's last.pth finished, carrying the results the phase produced; write the results JSON."""
     if is_main_process():
         path = os.path.join(ckpt_dir, "last.pth")
-        save_checkpoint(path, {**load_checkpoint(path), "finished": True, **state.checkpoint_fields()})
+        save_checkpoint(path, {**load_checkpoint(path), "finished": True, "provenance": state.provenance,
+                               **state.checkpoint_fields()})
         state.save()
     barrier()
 
@@ -549,15 +645,19 @@ def l2_sp(params, anchors, strength):
 def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmup_epochs=0.0, penalty=None):
     """Epochs of one phase (warm-up then per-step cosine, early stopping), persisted after each by save_epoch.
 
-    Continues from state.resume_point(phase) when there is one. Appends one
-    row per epoch to state.curves[phase]; the caller ends with finish_phase.
-    A NaN or infinite loss ends the run (diverged). Returns (best model
-    state, best val acc, best epoch, that epoch's top-5 accuracy).
+    Each epoch is evaluated on the held-out split (when --select val made
+    one) and on the test split; --select picks the epoch the phase reports
+    and keeps (best.pth, the returned state) by the held-out accuracy, the
+    last epoch, or the test accuracy. Continues from
+    state.resume_point(phase) when there is one. Appends one row per epoch
+    to state.curves[phase]; the caller ends with finish_phase. A NaN or
+    infinite loss ends the run (diverged). Returns (the selected epoch's
+    model state, the selected epoch).
     """
     device, loaders, log = env["device"], env["data"], main_print if is_main_process() else None
     runner = wrap_model(model, device, env["world_size"], args.compile)
     scheduler = warmup_cosine(optimizer, len(loaders.train), epochs, warmup_epochs)
-    stopper = EarlyStopping(args.patience)
+    stopper = EarlyStopping(None if args.select == "last" else args.patience)
     best_state, start_epoch, resume = cpu_state(model), 1, state.resume_point(phase)
     if resume:
         model.load_state_dict(resume["state_dict"])
@@ -572,29 +672,41 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
     for epoch in range(start_epoch, epochs + 1):
         if stopper.should_stop:
             break
+        started = time.perf_counter()
         loaders.train.set_epoch(epoch)
         try:
             train = train_one_epoch(runner, loaders.train, optimizer, device, epoch, args.amp, args.channels_last,
                                     args.print_freq, log, penalty, scheduler)
         except NonFiniteLoss as e:
             diverged(state, phase, epoch, e.step, ckpt_dir)
-        val = evaluate(runner, loaders.val, device, args.amp, args.channels_last)
-        improved = stopper.step(val["acc"], epoch)
-        row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], "val_loss": val["loss"],
-               "val_acc": val["acc"], "val_top5": val["top5"], **epoch_lrs(optimizer),
-               "seconds": train["seconds"] + val["seconds"], "img_per_s": train["img_per_s"]}
+        held_out = (evaluate(runner, loaders.val, device, args.amp, args.channels_last) if loaders.val is not None
+                    else None)
+        test = evaluate(runner, loaders.test, device, args.amp, args.channels_last)
+        score = held_out["acc"] if args.select == "val" else test["acc"] if args.select == "test" else None
+        improved = stopper.step(score, epoch)
+        row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], **metrics("val", held_out),
+               **metrics("test", test), **epoch_lrs(optimizer),
+               "seconds": train["seconds"] + test["seconds"] + (held_out["seconds"] if held_out else 0.0),
+               "img_per_s": train["img_per_s"]}
         state.curves[phase].append(row)
+        held_text = f"val acc {held_out['acc']:.2f}% | " if held_out else ""
         main_print(f"{phase} epoch {epoch}/{epochs}: train loss {train['loss']:.4f} acc {train['acc']:.2f}% | "
-                   f"val loss {val['loss']:.4f} acc {val['acc']:.2f}% (best {stopper.best:.2f}% @ {stopper.best_epoch})"
+                   f"{held_text}test acc {test['acc']:.2f}% | selected epoch {stopper.best_epoch} ({args.select})"
                    f" | lr {row['lr']:.2e} | {row['seconds']:.1f} s, {train['img_per_s']:.0f} img/s")
         model_state = cpu_state(model)  # one copy per epoch: the best state, best.pth and last.pth share it
         if improved:
             best_state = model_state
+        state.add_wall_time(phase, time.perf_counter() - started)
         save_epoch(state, ckpt_dir, phase, epoch, model, model_state, stopper, improved, optimizer, scheduler)
     if stopper.should_stop:
-        main_print(f"{phase}: early stop, no improvement for {args.patience} epochs")
-    best_top5 = next(r["val_top5"] for r in state.curves[phase] if r["epoch"] == stopper.best_epoch)
-    return best_state, stopper.best, stopper.best_epoch, best_top5
+        main_print(f"{phase}: early stop, no better held-out accuracy for {args.patience} epochs"
+                   if args.select == "val" else f"{phase}: early stop, no improvement for {args.patience} epochs")
+    return best_state, stopper.best_epoch
+
+
+def metrics(split, result):
+    """An evaluation's loss, accuracy and top-5 as a curve row's ``<split>_*`` columns (none without one)."""
+    return {f"{split}_{k}": result[k] for k in ("loss", "acc", "top5")} if result else {}
 
 
 def epoch_lrs(optimizer):
@@ -619,9 +731,31 @@ def diverged(state, phase, epoch, step, ckpt_dir):
     raise SystemExit(EXIT_DIVERGED)
 
 
-def phase_results(prefix, curves, best_epoch):
-    return {f"{prefix}_epochs": len(curves), f"{prefix}_best_epoch": best_epoch,
+def phase_results(prefix, curves, selected_epoch):
+    return {f"{prefix}_epochs": len(curves), f"{prefix}_best_epoch": selected_epoch,
             f"{prefix}_seconds": sum(r["seconds"] for r in curves)}
+
+
+def selected_row(curves, selected_epoch):
+    return next(r for r in curves if r["epoch"] == selected_epoch)
+
+
+def selected_results(name, curves, selected_epoch):
+    """The selected epoch's test accuracy and top-5 (<name>_acc, <name>_top5) and its held-out accuracy
+    (<name>_val_acc; None without a held-out split)."""
+    row = selected_row(curves, selected_epoch)
+    return {f"{name}_acc": row["test_acc"], f"{name}_top5": row["test_top5"], f"{name}_val_acc": row.get("val_acc")}
+
+
+def phase_warmup(warmup_epochs, epochs, phase, state):
+    """--warmup-epochs for a phase of ``epochs``: one as long as the phase or longer never reaches the
+    cosine, so it is clamped to WARMUP_MAX_SHARE of the phase, with a warning (not for a legacy run)."""
+    if warmup_epochs < epochs or state.legacy:
+        return warmup_epochs
+    clamped = epochs * WARMUP_MAX_SHARE
+    main_print(f"warning: --warmup-epochs {warmup_epochs:g} is as long as {phase} ({epochs} epochs) or longer: "
+               f"clamped to {clamped:.2f} epochs, a third of the phase", file=sys.stderr)
+    return clamped
 
 
 def size_results(model, loaders, seed):
@@ -629,7 +763,8 @@ def size_results(model, loaders, seed):
     plan = model.plan
     return {"n_params_total": plan["n_params_total"], "n_params_extractor": plan["n_params_extractor"],
             "n_params_classifier": plan["n_params_head"], "n_params_trainable": n_trainable,
-            "actual_train_samples": loaders.n_train, "test_samples": loaders.n_val, "seed": seed}
+            "actual_train_samples": loaders.n_train, "val_samples": loaders.n_val, "test_samples": loaders.n_test,
+            "seed": seed}
 
 
 def movement_results(model, initial_filters, world_size):
@@ -647,12 +782,14 @@ def train_head(model, env, args, state):
     main_print(f"Phase A: training BN + classifier ({state.results['n_params_trainable']:,} parameters), "
                f"extractor frozen")
     optimizer = adamw([head_group(model, args.lr_head)], args.weight_decay)
-    best_state, head_acc, best_epoch, top5 = run_phase("phase_a", model, optimizer, env, args, state,
-                                                       os.path.join(args.save_dir, "phase_a"), args.head_epochs)
-    state.results.update(head_acc=head_acc, head_err=100.0 - head_acc, baseline_acc=head_acc, head_top5=top5,
-                         **phase_results("phase_a", state.curves["phase_a"], best_epoch))
+    best_state, epoch = run_phase("phase_a", model, optimizer, env, args, state, os.path.join(args.save_dir, "phase_a"),
+                                  args.head_epochs)
+    selected = selected_results("head", state.curves["phase_a"], epoch)
+    head_acc = selected["head_acc"]
+    state.results.update(**selected, head_err=100.0 - head_acc, baseline_acc=head_acc,
+                         **phase_results("phase_a", state.curves["phase_a"], epoch))
     finish_phase(state, os.path.join(args.save_dir, "phase_a"))
-    main_print(f"Phase A done: head_acc {head_acc:.2f}% (epoch {best_epoch})")
+    main_print(f"Phase A done: head_acc {head_acc:.2f}% (test accuracy of epoch {epoch}, selected by {args.select})")
     return best_state
 
 
@@ -674,13 +811,14 @@ def fine_tune(model, initial, env, args, state):
     main_print("Phase B: " + ("the head alone, extractor still frozen (--freeze-extractor)" if args.freeze_extractor
                               else f"fine-tuning everything (extractor lr {args.lr_extractor:g}, "
                                    f"{args.extractor_lr_scale}; head lr {lr_head:g})"))
-    best_state, finetune_acc, best_epoch, top5 = run_phase(
-        "phase_b", model, optimizer, env, args, state, os.path.join(args.save_dir, "phase_b"), args.epochs,
-        args.warmup_epochs, penalty)
+    warmup = phase_warmup(args.warmup_epochs, args.epochs, "Phase B", state)
+    best_state, epoch = run_phase("phase_b", model, optimizer, env, args, state, os.path.join(args.save_dir, "phase_b"),
+                                  args.epochs, warmup, penalty)
     model.load_state_dict(best_state)
-    state.results.update(finetune_acc=finetune_acc, finetune_gain=finetune_acc - state.results["head_acc"],
-                         finetune_top5=top5, extractor_frozen=args.freeze_extractor,
-                         **phase_results("phase_b", state.curves["phase_b"], best_epoch),
+    selected = selected_results("finetune", state.curves["phase_b"], epoch)
+    state.results.update(**selected, finetune_gain=selected["finetune_acc"] - state.results["head_acc"],
+                         extractor_frozen=args.freeze_extractor, phase_b_warmup_epochs=warmup,
+                         **phase_results("phase_b", state.curves["phase_b"], epoch),
                          **movement_results(model, initial_filters, env["world_size"]))
     finish_phase(state, os.path.join(args.save_dir, "phase_b"))
 
@@ -694,12 +832,13 @@ def train_jointly(model, initial, env, args, state):
     optimizer = adamw(extractor_groups(model, args.lr_extractor, args.extractor_lr_scale) +
                       [head_group(model, args.lr_head)], args.weight_decay)
     main_print(f"joint: training everything from the start ({args.init} init) for {epochs} epochs")
-    best_state, joint_acc, best_epoch, top5 = run_phase(
-        JOINT, model, optimizer, env, args, state, os.path.join(args.save_dir, JOINT), epochs, args.warmup_epochs,
-        l2_sp(list(model.extractor_parameters()), initial_extractor, args.l2_sp))
+    warmup = phase_warmup(args.warmup_epochs, epochs, "the joint phase", state)
+    best_state, epoch = run_phase(JOINT, model, optimizer, env, args, state, os.path.join(args.save_dir, JOINT), epochs,
+                                  warmup, l2_sp(list(model.extractor_parameters()), initial_extractor, args.l2_sp))
     model.load_state_dict(best_state)
-    state.results.update(joint_acc=joint_acc, joint_err=100.0 - joint_acc, joint_top5=top5,
-                         **phase_results(JOINT, state.curves[JOINT], best_epoch),
+    selected = selected_results("joint", state.curves[JOINT], epoch)
+    state.results.update(**selected, joint_err=100.0 - selected["joint_acc"], joint_warmup_epochs=warmup,
+                         **phase_results(JOINT, state.curves[JOINT], epoch),
                          **movement_results(model, initial_filters, env["world_size"]))
     finish_phase(state, os.path.join(args.save_dir, JOINT))
 
@@ -718,8 +857,8 @@ def main(args):
     last, borrowed_best = find_last_checkpoint(args), None
     if last is None and args.from_phase_a:
         last, borrowed_best = phase_a_source(args)
-    if last and args.seed is None:
-        args.seed = last["config"]["seed"]  # before setup: the seed draws the data subset and its order
+    if last:
+        inherit_flags(args, last["config"])  # before setup: the seed and the rule draw the data subsets
     env = setup(args, args.global_batch_size)
     with env["lock"]:
         if borrowed_best:
@@ -733,6 +872,8 @@ def main(args):
 def experiment(args, env, last):
     """Phase A then Phase B (or the joint phase), from wherever ``last`` (a last.pth or None) left off."""
     state = load_run_state(args, env["seed"], last)
+    state.begin_session(env["device"], env["world_size"])
+    state.results["selection"] = args.select
     config = ModelConfig.from_args(args, env["data"].info)
     model = build_model(config, args.seed, env["device"], args.channels_last)
     describe_run(env, model, "train.py")

@@ -8,8 +8,11 @@ import json
 import math
 import os
 import pickle
+import platform
 import random
+import shlex
 import socket
+import subprocess
 import sys
 import tempfile
 
@@ -62,6 +65,59 @@ def format_seconds(seconds):
 
 
 # ----------------------------------------------------------------------------- atomic files
+
+# ----------------------------------------------------------------------------- provenance
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+NOT_A_CHECKOUT = "not a git checkout"
+GIT_TIMEOUT_S = 10
+
+
+def git_state(folder=REPO):
+    """(commit, dirty) of the checkout holding ``folder``: dirty when a tracked or unignored file differs from
+    the commit. (NOT_A_CHECKOUT, None) outside git, or without a git command."""
+    try:
+        def git(*cmd):
+            return subprocess.run(["git", "-C", folder, *cmd], capture_output=True, text=True, check=True,
+                                  timeout=GIT_TIMEOUT_S).stdout.strip()
+        return git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
+    except (OSError, subprocess.SubprocessError):
+        return NOT_A_CHECKOUT, None
+
+
+def now_iso():
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def cpu_name():
+    """The processor's model name (Linux's /proc/cpuinfo), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(device, world_size):
+    """What produced a result: code, library versions, machine and command, for one session of a run.
+
+    A session is a start or a resume; the caller fills ``ended`` and
+    ``wall_seconds`` (per phase) as it goes.
+    """
+    import torchvision
+    commit, dirty = git_state()
+    device = torch.device(device)
+    names = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if device.type == "cuda"
+             else [cpu_name()])
+    return {"commit": commit, "dirty": dirty, "python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "device": str(device),
+            "device_names": names, "device_count": len(names), "world_size": world_size, "host": socket.gethostname(),
+            "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "started": now_iso(),
+            "ended": None, "wall_seconds": {}}
+
 
 def _atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename: a reader never sees half a file."""

@@ -15,7 +15,7 @@ import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS = ("plot_size_vs_accuracy.png", "plot_size_vs_gain.png", "plot_delta_vs_gain.png")
+PLOTS = ("plot_data_efficiency.png", "plot_advantage.png", "plot_size_vs_gain.png", "plot_delta_vs_gain.png")
 
 
 def run_script(script, *args):
@@ -35,6 +35,7 @@ def real_run(tmp_path_factory):
 
 def write_variant(folder, name, base, train_size, head_acc, finetune_acc, delta):
     exp = copy.deepcopy(base)
+    exp["config"]["train_size"] = train_size  # another run, not a copy of the real one
     exp["results"].update(actual_train_samples=train_size, head_acc=head_acc, finetune_acc=finetune_acc,
                           finetune_gain=finetune_acc - head_acc, filter_delta_relative=delta)
     os.makedirs(folder / name, exist_ok=True)
@@ -111,7 +112,8 @@ def test_filters_of_a_real_checkpoint(real_run, tmp_path, capsys):
     assert "relative_l2" in lines[1] and len(lines) == 3 + 4 + 1  # header, column row, index row, 4 orientations
     moved = [float(line.split()[1]) for line in lines[3:7]]
     assert all(0 < m < 1 for m in moved)  # trained with lr 1e-3 for 2 epochs: moved, but still near Morlet
-    assert is_png(tmp_path / "plots" / "filters_block0.png")
+    assert is_png(tmp_path / "plots" / f"filters_block0__{str(results_dir).lstrip('/').replace('/', '__')}__real__"
+                                          f"phase_b__best.png")
 
 
 @pytest.mark.parametrize("args,message", [
@@ -230,9 +232,79 @@ def test_curves_of_the_wrong_shape_are_left_out(real_run, tmp_path, capsys):
     odd = write_variant(tmp_path, "odd", real, 500, 80.0, 82.0, 0.2)
     odd["curves"] = {"phase_a": [{"epoch": 1}, "not a row"], "phase_b": [{"epoch": 1, "val_acc": "x", "train_loss": 1}]}
     (tmp_path / "odd" / "results_20260101-000000.json").write_text(json.dumps(odd))
-    listed = write_variant(tmp_path, "listed", real, 500, 80.0, 82.0, 0.2)
+    listed = write_variant(tmp_path, "listed", real, 501, 80.0, 82.0, 0.2)
     listed["curves"] = [1, 2]
     (tmp_path / "listed" / "results_20260101-000000.json").write_text(json.dumps(listed))
     code, _, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--curves")
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / "plots" / "curves")) == ["curves_exp1.png", "curves_exp2.png"]
+
+
+def write_seeds(folder, real):
+    """Three seeds of wavelet two-phase and random joint: differences 5, 6, 4."""
+    for seed, (ours, theirs) in enumerate(zip([70.0, 72.0, 74.0], [65.0, 66.0, 70.0])):
+        write_run(folder, f"w{seed}", real, seed, "wavelet", {"head_acc": 60.0, "finetune_acc": ours,
+                                                              "finetune_gain": ours - 60})
+        write_run(folder, f"r{seed}", real, seed, "random", {"joint_acc": theirs})
+
+
+def test_each_run_is_counted_once_through_links_and_copies(real_run, tmp_path, capsys):
+    _, real = real_run
+    runs = tmp_path / "runs"
+    write_seeds(runs / "demo-1", real)
+    os.symlink("demo-1", runs / "demo-latest")  # as make demo leaves it
+    code, out, err = run_analyze(capsys, "--results-dir", str(runs / "demo-latest"))
+    assert code == 0 and err == "", err
+    alone = pd.read_csv(runs / "demo-latest" / "plots" / "significance.csv")
+    code, out, err = run_analyze(capsys, "--results-dir", str(runs))
+    assert code == 0 and err == "", err
+    through_parent = pd.read_csv(runs / "plots" / "significance.csv")
+    pd.testing.assert_frame_equal(alone, through_parent)
+    assert through_parent.set_index("comparison").loc["wavelet fine-tuned - random joint", "n"] == 3
+    # a copied run folder (an extended sweep that ran a cell again): one run, the newer file, with a warning
+    copy_dir = runs / "copy" / "w0"
+    os.makedirs(copy_dir)
+    copied = json.load(open(runs / "demo-1" / "w0" / "results_20260101-000000.json"))
+    copied["provenance"] = [{"commit": "a" * 40, "ended": "2027-01-01T00:00:00+00:00"}]
+    (copy_dir / "results_20270101-000000.json").write_text(json.dumps(copied))
+    code, out, err = run_analyze(capsys, "--results-dir", str(runs))
+    assert code == 0
+    assert err.strip().splitlines()[0] == (f"warning: {runs}/demo-1/w0/results_20260101-000000.json records the same run "
+                           f"(configuration, arm and seed) as {copy_dir}/results_20270101-000000.json: counted once, "
+                           f"as the newer file")
+    table = pd.read_csv(runs / "plots" / "runs.csv")
+    assert len(table) == 6 and (table.commit == "a" * 40).sum() == 1
+    assert pd.read_csv(runs / "plots" / "significance.csv").n.tolist()[0] == 3
+
+
+def test_a_run_from_before_select_is_read_as_test_and_never_pooled_with_val_runs(real_run, tmp_path, capsys):
+    _, real = real_run
+    os.makedirs(tmp_path / "old")
+    old = json.load(open(os.path.join(ROOT, "tests", "data", "pre_select_two_phase.json")))
+    (tmp_path / "old" / "results_20261203-070000.json").write_text(json.dumps(old))
+    new = copy.deepcopy(real)
+    new["config"].update({k: v for k, v in old["config"].items() if k not in ("save_dir", "resume")},
+                         select="val", val_size=None)
+    os.makedirs(tmp_path / "new")
+    (tmp_path / "new" / "results_20261203-080000.json").write_text(json.dumps(new))
+    code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path))
+    assert code == 0 and err == "", err
+    table = pd.read_csv(tmp_path / "plots" / "runs.csv").set_index("select")
+    assert sorted(table.index) == ["test", "val"]  # two runs, not one run recorded twice
+    phase_b = old["curves"]["phase_b"]
+    assert table.loc["test", "last_epoch_acc"] == phase_b[-1]["val_acc"]  # the old val_acc was the test split's
+    assert table.loc["test", "best_test_epoch_acc"] == max(r["val_acc"] for r in phase_b)
+    assert pd.isna(table.loc["test", "commit"])
+    assert len(pd.read_csv(tmp_path / "plots" / "summary.csv")) == 2  # never averaged together
+
+
+def test_mixed_code_versions_are_said(real_run, tmp_path, capsys):
+    _, real = real_run
+    write_seeds(tmp_path, real)
+    path = tmp_path / "r1" / "results_20260101-000000.json"
+    other = json.load(open(path))
+    other["provenance"][0]["commit"] = "b" * 40
+    path.write_text(json.dumps(other))
+    code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path))
+    assert code == 0 and "warning: 2 row(s) above combine runs of different code versions" in err
+    assert pd.read_csv(tmp_path / "plots" / "significance.csv").commits.tolist()[0] == 2

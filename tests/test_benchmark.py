@@ -81,5 +81,6 @@ def test_accuracy_compares_both_modulus_resolutions_on_a_folder(tmp_path, capsys
     rows = json.loads((tmp_path / "acc.json").read_text())["rows"]
     assert [r["model"] for r in rows] == [f"ScatteringNet (fixed, 2 blocks, L=8, --modulus-resolution {r})"
                                           for r in ("half", "subsample", "full")]
-    assert all(r["dataset"] == "folder" and r["epochs"] == 1 and 0 <= r["best_test_acc"] <= 100 for r in rows)
+    assert all(r["dataset"] == "folder" and r["epochs"] == 1 and 0 <= r["test_acc"] <= r["best_test_acc_optimistic"] <= 100
+               and r["select"] == "last" for r in rows)
     assert rows[0]["head_params"] == rows[1]["head_params"] == rows[2]["head_params"]  # same shapes, same head

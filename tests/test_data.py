@@ -32,8 +32,8 @@ def test_stratified_count_sums_exactly_and_is_repeatable():
 
 def test_full_set_and_parse():
     assert torch.equal(data.stratified_subset(torch.zeros(5, dtype=torch.long), None), torch.arange(5))
-    assert data.parse_train_size("0.1") == 0.1 and data.parse_train_size("5000") == 5000
-    assert data.parse_train_size("1.0") == 1.0 and data.parse_train_size(None) is None
+    assert data.parse_size("0.1") == 0.1 and data.parse_size("5000") == 5000
+    assert data.parse_size("1.0") == 1.0 and data.parse_size(None) is None and data.parse_size(0.2) == 0.2
 
 
 @pytest.mark.parametrize("size,message", [
@@ -51,7 +51,57 @@ def test_subset_errors(size, message):
 
 def test_parse_error():
     with pytest.raises(data.DatasetError, match="--train-size must be a fraction like 0.1 or a count like 5000, got 'ten'"):
-        data.parse_train_size("ten")
+        data.parse_size("ten")
+    with pytest.raises(data.DatasetError, match="--val-size must be a fraction like 0.1 or a count like 5000, got '1/2'"):
+        data.parse_size("1/2", "--val-size")
+
+
+def test_held_out_split_is_stratified_disjoint_and_leaves_the_training_fraction_of_the_pool():
+    labels = torch.arange(1000) % 10
+    train, held = data.split_pool(labels, 0.5, seed=3, holdout=True)
+    assert len(held) == 100 and len(train) == 500  # 10 % held out; 0.5 is half of the whole pool
+    assert not set(train.tolist()) & set(held.tolist())
+    assert torch.bincount(labels[held]).tolist() == [10] * 10 and torch.bincount(labels[train]).tolist() == [50] * 10
+    # its own random stream: the held-out images do not depend on --train-size
+    assert torch.equal(held, data.split_pool(labels, 200, seed=3, holdout=True)[1])
+    assert not torch.equal(held, data.split_pool(labels, 200, seed=4, holdout=True)[1])
+    everything, held = data.split_pool(labels, None, seed=3, holdout=True, val_size=0.25)
+    assert len(held) == 250 and len(everything) == 750
+    # without a held-out split: the subset of the whole pool, as before --select existed
+    train, held = data.split_pool(labels, 0.5, seed=3)
+    assert torch.equal(train, data.stratified_subset(labels, 0.5, seed=3)) and len(held) == 0
+
+
+def test_default_held_out_split_is_a_tenth_capped_at_5000():
+    assert data.holdout_count(None, 3051) == 305 and data.holdout_count(None, 60000) == 5000
+    assert data.holdout_count(123, 3051) == 123 and data.holdout_count(0.2, 1000) == 200
+
+
+@pytest.mark.parametrize("train_size,val_size,message", [
+    (950, None, "--train-size 950 (950 images) and the held-out validation split (100) need more than the 1,000 "
+                "training images: lower one (--val-size)"),
+    (None, 1000, "--val-size 1000 leaves no training images (the pool has 1,000)"),
+    (None, 0, "--val-size count must be between 1 and the dataset size 1000, got 0"),
+    (None, 1.5, "--val-size fraction must be in (0, 1], got 1.5"),
+])
+def test_held_out_split_errors(train_size, val_size, message):
+    with pytest.raises(data.DatasetError) as e:
+        data.split_pool(torch.arange(1000) % 10, train_size, holdout=True, val_size=val_size)
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_held_out_loader_reads_training_images_without_augmentation(fast_path):
+    loaders = data.build_loaders("synthetic", "unused", 0.1, 64, "cpu", fast_path=fast_path, workers=0, seed=5,
+                                 holdout=True)
+    train, _, info = data.load_dataset("synthetic", "unused", seed=5)
+    _, held = data.split_pool(train[1], 0.1, seed=5, holdout=True)
+    assert loaders.n_train == 400 and loaders.n_val == len(held) == 400 and loaders.n_test == 1000
+    images = torch.cat([x for x, _ in loaders.val])
+    expected = (train[0][held].float() / 255 - torch.tensor(info.mean).view(1, -1, 1, 1)) / \
+        torch.tensor(info.std).view(1, -1, 1, 1)
+    assert torch.allclose(images, expected, atol=1e-5)  # the held-out images as they are, twice the same
+    assert torch.allclose(images, torch.cat([x for x, _ in loaders.val]))
 
 
 def test_synthetic_is_deterministic_and_balanced():
@@ -181,7 +231,7 @@ def test_missing_imagenet_folder(tmp_path):
 def test_build_loaders_subset_and_paths():
     fast = data.build_loaders("synthetic", "unused", 0.1, 32, "cpu", fast_path=True)
     slow = data.build_loaders("synthetic", "unused", 0.1, 32, "cpu", fast_path=False, workers=0)
-    assert fast.n_train == slow.n_train == 400 and fast.n_val == 1000
+    assert fast.n_train == slow.n_train == 400 and fast.n_test == 1000 and fast.val is None and fast.n_val == 0
     assert isinstance(fast.train, data.TensorLoader) and isinstance(slow.train, data.EpochDataLoader)
     x, y = next(iter(slow.train))
     assert x.shape == (32, 3, 32, 32) and x.dtype == torch.float32
@@ -237,7 +287,7 @@ def test_folder_dataset_in_memory_with_its_own_statistics(tmp_path):
     assert info.mean == pytest.approx(tuple(expected_mean), abs=1e-4) and info.nb_classes == 3
     assert info.spatial == 12 and info.crop_padding == 1 and info.flip  # CIFAR's 4 px at 32, scaled
     loaders = data.build_loaders("folder", str(tmp_path), None, 4, "cpu")
-    assert isinstance(loaders.train, data.TensorLoader) and loaders.n_train == 12 and loaders.n_val == 6
+    assert isinstance(loaders.train, data.TensorLoader) and loaders.n_train == 12 and loaders.n_test == 6
 
 
 def test_folder_image_size_and_grayscale(tmp_path):

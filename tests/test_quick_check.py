@@ -24,20 +24,23 @@ def test_trains_and_saves_the_best_model(tmp_path):
     proc = run_quick_check(*SMALL, "--save-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].startswith("quick_check.py: synthetic (1,000 training images, 3x32x32), in-memory fast path")
+    assert lines[0].startswith("quick_check.py: synthetic (1,000 training images, 400 held out for --select val, "
+                               "1,000 test; 3x32x32), in-memory fast path")
     assert any(re.match(r"epoch 1 \[10/20\] loss [\d.]+ acc [\d.]+% \d+ img/s eta ", line) for line in lines)
-    best = float(re.search(r"best val acc ([\d.]+)% \(epoch (\d)\)", lines[-1]).group(1))
-    assert best > 30  # 10 classes: chance is 10 %
+    found = re.search(r"test acc ([\d.]+)% at epoch (\d) \(selected by val\)", lines[-1])
+    assert float(found.group(1)) > 30  # 10 classes: chance is 10 %
     ckpt = torch.load(tmp_path / "best.pth")
     model = ScatteringNet(ModelConfig(n_blocks=1, L=4, learnable=False))
     model.load_state_dict(ckpt["state_dict"])
-    assert ckpt["best_val_acc"] == pytest.approx(best, abs=0.005) and ckpt["model_config"]["learnable"] is False
+    assert ckpt["epoch"] == int(found.group(2)) and ckpt["model_config"]["learnable"] is False
+    assert ckpt["config"]["select"] == "val" and ckpt["provenance"][0]["command"].startswith("python quick_check.py")
 
 
 def test_learnable_moves_the_filters(tmp_path):
     run = quick_check.main(quick_check.get_args_parser().parse_args(
         [*SMALL, "--learnable", "--modulus-type", "phase_relu", "--save-dir", str(tmp_path)]))
-    assert len(run["curves"]) == 2 and run["best_acc"] == max(r["val_acc"] for r in run["curves"])
+    best = max(run["curves"], key=lambda r: r["val_acc"])  # the first best held-out epoch
+    assert len(run["curves"]) == 2 and run["selected_epoch"] == best["epoch"] and run["test_acc"] == best["test_acc"]
     trained = torch.load(tmp_path / "best.pth")["state_dict"]
     init = ScatteringNet(ModelConfig(n_blocks=1, L=4, modulus_type="phase_relu")).state_dict()
     assert not torch.equal(trained["blocks.0.psi_imag.weight"], init["blocks.0.psi_imag.weight"])
@@ -79,6 +82,7 @@ def test_fit_single_phase_trains_any_module(tmp_path):
     env = train.setup(args, args.batch_size, lock_save_dir=False)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
-    best, epoch, curves = quick_check.fit_single_phase("plain", model, env, args, str(tmp_path))
-    assert len(curves) == 2 and best == max(r["val_acc"] for r in curves) > 10
+    test_acc, epoch, curves = quick_check.fit_single_phase("plain", model, env, args, str(tmp_path))
+    best = max(curves, key=lambda r: r["val_acc"])
+    assert len(curves) == 2 and (epoch, test_acc) == (best["epoch"], best["test_acc"]) and test_acc > 10
     assert torch.load(tmp_path / "best.pth")["model_config"] is None

@@ -67,7 +67,7 @@ def test_a_sweep_interrupted_and_failing_carries_on_to_completion(tmp_path):
     proc = subprocess.Popen([sys.executable, "sweep.py", "--out", str(tmp_path), *flags], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=sweep.default_sigint)  # as from a terminal, also under `cmd &`
-    first = tmp_path / "train-size=300"
+    first = tmp_path / "train-size=300__seed=0"
     while not (first / "phase_a" / "last.pth").exists() and proc.poll() is None:
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
@@ -75,13 +75,14 @@ def test_a_sweep_interrupted_and_failing_carries_on_to_completion(tmp_path):
     assert proc.returncode == 130 and "interrupted (Ctrl-C)" in err
     assert sweep.state_of(str(first)) == "interrupted"
     dry = run_sweep(tmp_path, *flags, "--dry-run")
-    assert dry.stdout.splitlines() == ["interrupted  train-size=300", "new          train-size=400",
-                                       "new          train-size=99999", "0 of 3 cells done"]
+    assert dry.stdout.splitlines() == ["interrupted  train-size=300__seed=0", "new          train-size=400__seed=0",
+                                       "new          train-size=99999__seed=0", "0 of 3 cells done"]
     resumed = run_sweep(tmp_path, *flags)
     assert resumed.returncode == 1
     assert "[sweep] done 2 / running 0 / failed 1 / left 0" in resumed.stdout
-    failing = tmp_path / "train-size=99999"
-    assert resumed.stderr.strip() == f"[sweep] failed: train-size=99999 (exit code 2); log: {failing / 'train.log'}"
+    failing = tmp_path / "train-size=99999__seed=0"
+    assert resumed.stderr.strip() == f"[sweep] failed: train-size=99999__seed=0 (exit code 2); log: " \
+                                     f"{failing / 'train.log'}"
     assert "--train-size count must be between 1 and the dataset size 4000" in (failing / "train.log").read_text()
     (results,) = glob.glob(str(first / "results_*.json"))
     saved = json.load(open(results))
@@ -97,3 +98,34 @@ def test_print_commands_for_a_scheduler(tmp_path):
     assert proc.returncode == 0 and len(lines) == 4
     assert lines[3].endswith(f"train.py --dataset synthetic --init random --joint --seed 1 --save-dir "
                              f"{tmp_path}/arm=random-joint__seed=1")
+
+
+def test_extending_a_grid_reruns_nothing_whatever_the_earlier_command_looked_like(tmp_path):
+    tiny = TINY[:TINY.index("--seed")]
+    flags = ["--arm", "wavelet-two-phase,random-joint", *tiny, "--train-size", "200", "--epochs", "1",
+             "--head-epochs", "1"]
+    first = run_sweep(tmp_path, *flags, "--seed", "0")
+    assert first.returncode == 0, first.stderr
+    # a folder reached under another name (as before cells were named by --seed) is still found by its settings
+    os.rename(tmp_path / "arm=random-joint__train-size=200__seed=0", tmp_path / "arm=random-joint")
+    extended = run_sweep(tmp_path, *flags, "--seed", "0,1")
+    assert extended.returncode == 0, extended.stderr
+    assert "[sweep] 4 cells, 2 already done, 2 to run" in extended.stdout
+    assert sorted(os.listdir(tmp_path)) == ["arm=random-joint", "arm=random-joint__train-size=200__seed=1",
+                                            "arm=wavelet-two-phase__train-size=200__seed=0",
+                                            "arm=wavelet-two-phase__train-size=200__seed=1"]
+    assert all(len(glob.glob(str(tmp_path / d / "results_*.json"))) == 1 for d in os.listdir(tmp_path))
+    dry = run_sweep(tmp_path, *flags, "--seed", "0,1", "--dry-run")
+    assert f"done         arm=random-joint__train-size=200__seed=0 (its run is in {tmp_path}/arm=random-joint" \
+        in dry.stdout and "4 of 4 cells done" in dry.stdout
+
+
+def test_a_changed_shared_flag_is_never_counted_as_done(tmp_path, capsys):
+    flags = [*TINY, "--train-size", "200", "--epochs", "1", "--head-epochs", "1"]
+    assert run_sweep(tmp_path, *flags).returncode == 0
+    args, extra = sweep.get_args_parser().parse_known_args(["--out", str(tmp_path), *flags[:-1], "2"])
+    with pytest.raises(SystemExit) as e:
+        sweep.main(args, extra)
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"error: --out {tmp_path}: {tmp_path}/train-size=200__seed=0 holds a run of other settings (--head-epochs 1 "
+        f"(now 2)): a changed shared flag is a new grid; choose another --out")

@@ -30,7 +30,11 @@ SMALL_WITHOUT_SEED = SMALL[:SMALL.index("--seed")] + SMALL[SMALL.index("--seed")
 RESULT_KEYS = {"head_acc", "head_err", "baseline_acc", "finetune_acc", "finetune_gain", "filter_delta_l2",
                "filter_delta_relative", "n_params_total", "n_params_extractor", "n_params_classifier",
                "n_params_trainable", "actual_train_samples", "test_samples"}
-CURVE_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"}
+CURVE_KEYS = {"epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "test_loss", "test_acc",
+              "test_top5", "lr", "seconds"}
+PROVENANCE_KEYS = {"commit", "dirty", "python", "torch", "torchvision", "numpy", "device", "device_names",
+                   "device_count", "world_size", "host", "command", "started", "ended", "wall_seconds"}
+DATA = os.path.join(ROOT, "tests", "data")
 
 
 def run_train(*args, torchrun=None, **kwargs):
@@ -74,19 +78,24 @@ def finished_run(tmp_path_factory):
 def test_json_has_the_spec_schema(finished_run):
     save_dir, stdout = finished_run
     saved = results_json(save_dir)
-    assert set(saved) == {"config", "results", "curves"} and set(saved["curves"]) == {"phase_a", "phase_b"}
+    assert set(saved) == {"config", "results", "curves", "provenance"}
+    assert set(saved["curves"]) == {"phase_a", "phase_b"}
     results = saved["results"]
     assert RESULT_KEYS <= set(results)
     assert results["finetune_gain"] == pytest.approx(results["finetune_acc"] - results["head_acc"])
     assert results["head_err"] == pytest.approx(100 - results["head_acc"]) and results["baseline_acc"] == results["head_acc"]
     assert results["actual_train_samples"] == 600 and results["test_samples"] == 1000
+    assert results["val_samples"] == 400 and results["selection"] == saved["config"]["select"] == "val"
     model = small_model()
     assert results["n_params_total"] == sum(p.numel() for p in model.parameters())
     assert results["n_params_trainable"] == results["n_params_classifier"] == sum(p.numel() for p in model.head_parameters())
     for phase in ("phase_a", "phase_b"):
         assert len(saved["curves"][phase]) == 3 and all(CURVE_KEYS <= set(row) for row in saved["curves"][phase])
-    assert results["head_acc"] == max(r["val_acc"] for r in saved["curves"]["phase_a"])
-    assert results["finetune_acc"] == max(r["val_acc"] for r in saved["curves"]["phase_b"])
+    for name, phase in (("head", "phase_a"), ("finetune", "phase_b")):
+        selected = max(saved["curves"][phase], key=lambda r: r["val_acc"])  # the first best held-out epoch
+        assert results[f"{phase}_best_epoch"] == selected["epoch"]
+        assert (results[f"{name}_acc"], results[f"{name}_top5"], results[f"{name}_val_acc"]) == \
+            (selected["test_acc"], selected["test_top5"], selected["val_acc"])
     assert saved["config"]["dataset"] == "synthetic" and saved["config"]["lr_head"] == 1e-3
     assert "block 0: 3 -> 15 channels, 32x32 -> 16x16" in stdout
 
@@ -349,7 +358,8 @@ def test_six_blocks_on_imagenet_images_train_with_the_fitting_flags(tmp_path, ca
     out = capsys.readouterr().out
     assert "block 5: 729 -> 729 channels, 7x7 -> 3x3" in out and "DataLoader" in out
     saved = results_json(str(tmp_path / "run"))
-    assert saved["results"]["actual_train_samples"] == 4 and saved["results"]["test_samples"] == 4
+    assert saved["results"]["actual_train_samples"] == 3 and saved["results"]["test_samples"] == 4
+    assert saved["results"]["val_samples"] == 1  # held out of the ImageFolder train/ for --select val
 
 
 # ----------------------------------------------------------------------------- research controls
@@ -372,7 +382,8 @@ def test_joint_random_init_records_joint_keys(tmp_path):
     assert set(saved["curves"]) == {"joint"} and len(saved["curves"]["joint"]) == 3  # head-epochs + epochs
     assert {"joint_acc", "joint_err", "joint_top5", "filter_delta_relative"} <= set(results)
     assert not {"head_acc", "finetune_acc"} & set(results)
-    assert results["joint_acc"] == max(r["val_acc"] for r in saved["curves"]["joint"]) > 10
+    selected = max(saved["curves"]["joint"], key=lambda r: r["val_acc"])
+    assert results["joint_acc"] == selected["test_acc"] > 10 and results["joint_val_acc"] == selected["val_acc"]
     assert results["joint_err"] == pytest.approx(100 - results["joint_acc"])
     assert saved["config"]["init"] == "random" and saved["config"]["joint"] is True
     assert torch.load(tmp_path / "joint" / "best.pth")["model_config"]["init"] == "random"
@@ -457,9 +468,10 @@ def test_joint_and_freeze_extractor_exclude_each_other(tmp_path, capsys):
 def test_top5_is_recorded_beside_top1(finished_run):
     save_dir, _ = finished_run
     saved = results_json(save_dir)
-    assert all(r["val_top5"] >= r["val_acc"] for phase in saved["curves"].values() for r in phase)
+    assert all(r[f"{split}_top5"] >= r[f"{split}_acc"] for phase in saved["curves"].values() for r in phase
+               for split in ("val", "test"))
     best = max(saved["curves"]["phase_b"], key=lambda r: r["val_acc"])
-    assert saved["results"]["finetune_top5"] == best["val_top5"]
+    assert saved["results"]["finetune_top5"] == best["test_top5"]
 
 
 def test_folder_dataset_trains(tmp_path):
@@ -468,7 +480,7 @@ def test_folder_dataset_trains(tmp_path):
     results = train_in_process("--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--n-blocks", "1",
                                "--L", "2", "--epochs", "1", "--global-batch-size", "4", "--seed", "0",
                                "--print-freq", "0", "--device", "cpu", "--save-dir", str(tmp_path / "run"))
-    assert results["actual_train_samples"] == 12 and results["test_samples"] == 6
+    assert results["actual_train_samples"] == 11 and results["val_samples"] == 1 and results["test_samples"] == 6
     assert torch.load(tmp_path / "run" / "phase_b" / "best.pth")["model_config"]["in_spatial"] == 16
 
 
@@ -484,7 +496,7 @@ def test_divergence_stops_the_run_keeps_the_last_good_epoch_and_writes_strict_js
         return real(*args, **kwargs)
     monkeypatch.setattr(train, "train_one_epoch", diverge_in_epoch_2)
     with pytest.raises(SystemExit) as e:
-        train_in_process(*SMALL, "--save-dir", str(tmp_path))
+        train_in_process(*SMALL, "--warmup-epochs", "1", "--save-dir", str(tmp_path))
     assert e.value.code == train.EXIT_DIVERGED == 3
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: phase_b diverged: the training loss became NaN or infinite at epoch 2, step 5; "
@@ -598,3 +610,150 @@ def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: --resume: these flags differ from the interrupted run: "
                                                "--max-order None (now 2)")
+
+
+# ----------------------------------------------------------------------------- model selection and provenance
+
+def test_select_test_reproduces_a_run_from_before_select_bit_for_bit(tmp_path):
+    """tests/data/pre_select_*.json: written by commit 2eca794 (before --select) with these flags."""
+    for name, extra in (("two_phase", ["--epochs", "3"]),
+                        ("joint", ["--epochs", "2", "--head-epochs", "1", "--joint", "--init", "random"])):
+        old = json.load(open(os.path.join(DATA, f"pre_select_{name}.json")))
+        results = train_in_process(*SMALL, "--warmup-epochs", "1", *extra, "--select", "test",
+                                   "--save-dir", str(tmp_path / name))
+        new = results_json(str(tmp_path / name))
+        for phase, rows in old["curves"].items():
+            assert [(r["val_acc"], r["val_loss"], r["val_top5"], r["train_loss"]) for r in rows] == \
+                [(r["test_acc"], r["test_loss"], r["test_top5"], r["train_loss"]) for r in new["curves"][phase]]
+        for key, value in old["results"].items():
+            if not key.endswith("_seconds"):
+                assert results[key] == value, key
+
+
+def test_no_test_image_is_used_for_any_choice(tmp_path, monkeypatch):
+    """Under --select val / last: with the test labels scrambled, every choice (epochs, best.pth, early stop)
+    and the held-out curve stay the same; only the reported test accuracies change. --select test: they move."""
+    build = data.build_loaders
+
+    def scrambled_test_labels(*args, **kwargs):
+        loaders = build(*args, **kwargs)
+        loaders.test.labels = torch.roll(loaders.test.labels, 1)
+        return loaders
+    flags = [*SMALL, "--patience", "1", "--epochs", "4"]
+    for select in ("val", "last"):
+        honest = train_in_process(*flags, "--select", select, "--save-dir", str(tmp_path / select))
+        with monkeypatch.context() as m:
+            m.setattr(data, "build_loaders", scrambled_test_labels)
+            scrambled = train_in_process(*flags, "--select", select, "--save-dir", str(tmp_path / f"{select}-x"))
+        for key in ("phase_a_best_epoch", "phase_b_best_epoch", "phase_a_epochs", "phase_b_epochs", "head_val_acc",
+                    "finetune_val_acc", "filter_delta_l2"):
+            assert honest[key] == scrambled[key], (select, key)
+        assert honest["finetune_acc"] != scrambled["finetune_acc"]
+        for phase in ("phase_a", "phase_b"):
+            a = torch.load(tmp_path / select / phase / "best.pth")
+            b = torch.load(tmp_path / f"{select}-x" / phase / "best.pth")
+            assert a["epoch"] == b["epoch"] and all(torch.equal(a["state_dict"][k], b["state_dict"][k])
+                                                    for k in a["state_dict"])
+    last = results_json(str(tmp_path / "last"))
+    assert last["results"]["phase_b_best_epoch"] == last["results"]["phase_b_epochs"] == 4  # no early stop
+    assert "val_acc" not in last["curves"]["phase_b"][0] and last["results"]["finetune_val_acc"] is None
+    assert last["results"]["finetune_acc"] == last["curves"]["phase_b"][-1]["test_acc"]
+
+
+def test_val_selection_picks_the_best_held_out_epoch_not_the_best_test_epoch(finished_run):
+    saved = results_json(finished_run[0])
+    for phase, name in (("phase_a", "head"), ("phase_b", "finetune")):
+        rows = saved["curves"][phase]
+        epoch = saved["results"][f"{phase}_best_epoch"]
+        assert max(r["val_acc"] for r in rows) == next(r["val_acc"] for r in rows if r["epoch"] == epoch)
+        assert saved["results"][f"{name}_acc"] == next(r["test_acc"] for r in rows if r["epoch"] == epoch)
+        assert torch.load(os.path.join(finished_run[0], phase, "best.pth"))["epoch"] == epoch
+
+
+def test_provenance_in_the_json_and_every_checkpoint(finished_run):
+    save_dir, _ = finished_run
+    sessions = results_json(save_dir)["provenance"]
+    assert len(sessions) == 1 and set(sessions[0]) == PROVENANCE_KEYS
+    session = sessions[0]
+    assert session["torch"] == torch.__version__ and session["python"] == sys.version.split()[0]
+    assert session["command"].startswith("python train.py --dataset synthetic") and "--save-dir" in session["command"]
+    assert len(session["commit"]) == 40 or session["commit"] == "not a git checkout"
+    assert set(session["wall_seconds"]) == {"phase_a", "phase_b"} and session["device_count"] == 1
+    for phase in ("phase_a", "phase_b"):
+        for name in ("best.pth", "last.pth"):
+            assert torch.load(os.path.join(save_dir, phase, name))["provenance"][0]["commit"] == session["commit"]
+
+
+def test_a_resume_adds_a_session_and_warns_when_the_code_changed(finished_run, tmp_path, monkeypatch, capsys):
+    import utils
+    save_dir = str(tmp_path / "run")
+    kill_when([*SMALL, "--save-dir", save_dir], tmp_path / "run" / "phase_b" / "last.pth")
+    monkeypatch.setattr(utils, "git_state", lambda folder=utils.REPO: ("f" * 40, False))
+    train_in_process(*SMALL, "--save-dir", save_dir, "--resume")
+    assert "continues with " + "f" * 40 in capsys.readouterr().err
+    sessions = results_json(save_dir)["provenance"]
+    assert len(sessions) == 2 and sessions[0]["commit"] != sessions[1]["commit"] == "f" * 40
+
+
+def legacy_run_folder(source, folder):
+    """A copy of a --select test run as the code before --select wrote it: no select / val_size flags, no
+    provenance, the test columns named val_* (its checkpoints only: the run as it stood after its Phase A)."""
+    os.makedirs(folder / "phase_a")
+    old_names = {new: old for old, new in train.LEGACY_CURVE_KEYS.items()}
+    for name in ("best.pth", "last.pth"):
+        ckpt = torch.load(source / "phase_a" / name)
+        for key in ("select", "val_size"):
+            ckpt["config"].pop(key)
+        ckpt["config"]["save_dir"] = str(folder)
+        ckpt.pop("provenance")
+        if "curves_all" in ckpt:
+            ckpt["curves_all"] = {phase: [{old_names.get(k, k): v for k, v in row.items()} for row in rows]
+                                  for phase, rows in ckpt["curves_all"].items()}
+            for key in ("head_val_acc", "selection", "val_samples"):
+                ckpt["results"].pop(key)
+            ckpt["json_path"] = str(folder / "results_20250101-000000.json")
+        torch.save(ckpt, folder / "phase_a" / name)
+    return folder
+
+
+def test_a_run_from_before_select_resumes_as_test_and_ends_as_it_would_have(tmp_path):
+    """Its Phase A as the old code left it, then --resume without --select: the run keeps its own rule (test)
+    and unclamped warm-up, and ends with the numbers the old code's uninterrupted run recorded."""
+    flags = [*SMALL, "--warmup-epochs", "1", "--epochs", "3"]
+    train_in_process(*flags, "--select", "test", "--save-dir", str(tmp_path / "new"))
+    folder = legacy_run_folder(tmp_path / "new", tmp_path / "old")
+    results = train_in_process(*flags, "--resume", "--save-dir", str(folder))
+    old = json.load(open(os.path.join(DATA, "pre_select_two_phase.json")))
+    for key, value in old["results"].items():
+        if not key.endswith("_seconds"):
+            assert results[key] == value, key
+    saved = results_json(str(folder))
+    assert saved["config"]["select"] == "test" and results["selection"] == "test"
+    assert [r["test_acc"] for r in saved["curves"]["phase_a"]] == [r["val_acc"] for r in old["curves"]["phase_a"]]
+
+
+def test_a_resumed_run_from_before_select_refuses_another_rule(tmp_path, capsys):
+    train_in_process(*SMALL, "--epochs", "1", "--select", "test", "--save-dir", str(tmp_path / "new"))
+    folder = legacy_run_folder(tmp_path / "new", tmp_path / "old")
+    capsys.readouterr()
+    assert exit_2_message(capsys, *SMALL, "--epochs", "1", "--resume", "--select", "val", "--save-dir", str(folder)) \
+        == ["error: --resume: these flags differ from the interrupted run: --select 'test' (now 'val')"]
+
+
+def test_a_warm_up_as_long_as_its_phase_is_clamped_with_a_warning(tmp_path, capsys):
+    results = train_in_process(*SMALL, "--epochs", "2", "--warmup-epochs", "5", "--save-dir", str(tmp_path))
+    assert results["phase_b_warmup_epochs"] == pytest.approx(2 / 3)
+    assert "warning: --warmup-epochs 5 is as long as Phase B (2 epochs) or longer: clamped to 0.67 epochs, a third " \
+           "of the phase" in capsys.readouterr().err
+    results = train_in_process(*SMALL, "--epochs", "3", "--warmup-epochs", "1", "--save-dir", str(tmp_path / "b"))
+    assert results["phase_b_warmup_epochs"] == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--select", "last", "--val-size", "10"], "error: --val-size is for --select val: --select last holds no images out"),
+    (["--val-size", "4000"], "error: --val-size 4000 leaves no training images (the pool has 4,000)"),
+    (["--train-size", "3900"], "error: --train-size 3900 (3,900 images) and the held-out validation split (400) "
+                               "need more than the 4,000 training images: lower one (--val-size)"),
+])
+def test_selection_flag_errors(flags, message, tmp_path, capsys):
+    assert exit_2_message(capsys, *SMALL, *flags, "--save-dir", str(tmp_path)) == [message]
