@@ -126,15 +126,15 @@ def evaluate(model, loader, device, amp=False, channels_last=False):
 class EarlyStopping:
     """The selected epoch: the best score so far, stopping after ``patience`` epochs without a new best.
 
-    patience None (--select last): no score and no stopping; the latest
-    epoch is always the selected one (the fixed-budget protocol).
+    patience None (--select last): no stopping, and the latest epoch is
+    always the selected one whatever its score (the fixed-budget protocol).
     """
 
     def __init__(self, patience):
         self.patience, self.best, self.best_epoch, self.bad_epochs = patience, float("-inf"), 0, 0
 
     def step(self, value, epoch):
-        """Record an epoch's score (None under patience None); True when the epoch becomes the selected one."""
+        """Record an epoch's score; True when the epoch becomes the selected one."""
         if self.patience is None or value > self.best:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
             return True

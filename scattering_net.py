@@ -210,13 +210,19 @@ def describe_plan(plan, trainable=None):
 class ScatteringNet(nn.Module):
     """Stacked scattering blocks followed by BatchNorm2d, optional AdaptiveAvgPool2d(1), Flatten, Linear.
 
-    Built from a ModelConfig. ``features(x)`` is the last block's output;
-    ``extractor_parameters()`` and ``head_parameters()`` split the parameters
-    for two-phase training.
+    Built from a ModelConfig, ``ScatteringNet(ModelConfig(n_blocks=3, ...))``,
+    or from the same fields as keywords, ``ScatteringNet(n_blocks=3, ...)``
+    (one path: the keywords make the ModelConfig, with its defaults).
+    ``features(x)`` is the last block's output; ``extractor_parameters()``
+    and ``head_parameters()`` split the parameters for two-phase training.
     """
 
-    def __init__(self, config):
+    def __init__(self, config=None, **fields):
         super().__init__()
+        if config is None:
+            config = ModelConfig(**fields)
+        elif fields:
+            raise TypeError(f"ScatteringNet takes a ModelConfig or keywords, not both (got {sorted(fields)} too)")
         if not isinstance(config, ModelConfig):
             raise TypeError(f"ScatteringNet takes a ModelConfig, got {type(config).__name__}")
         self.config = config

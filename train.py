@@ -345,8 +345,8 @@ def make_checkpoint(model, model_state, phase, epoch, best_val_acc, run_config, 
 
     run_config: the run's flags (``config``, compared on --resume); the
     model's ModelConfig goes under ``model_config`` (None for another model,
-    e.g. benchmark.py's kymatio network). best_val_acc: the selection score
-    of the selected epoch (None under --select last). training: the
+    e.g. benchmark.py's kymatio network). best_val_acc: the selected epoch's
+    held-out accuracy (--select val), else its test accuracy. training: the
     optimizer, scheduler, early-stopping and run-state fields of a last.pth.
     provenance: the run's sessions (utils.provenance), newest last.
     """
@@ -657,7 +657,7 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
     device, loaders, log = env["device"], env["data"], main_print if is_main_process() else None
     runner = wrap_model(model, device, env["world_size"], args.compile)
     scheduler = warmup_cosine(optimizer, len(loaders.train), epochs, warmup_epochs)
-    stopper = EarlyStopping(None if args.select == "last" else args.patience)
+    stopper = EarlyStopping(None if args.select == "last" else args.patience)  # patience None: the last epoch
     best_state, start_epoch, resume = cpu_state(model), 1, state.resume_point(phase)
     if resume:
         model.load_state_dict(resume["state_dict"])
@@ -682,8 +682,7 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
         held_out = (evaluate(runner, loaders.val, device, args.amp, args.channels_last) if loaders.val is not None
                     else None)
         test = evaluate(runner, loaders.test, device, args.amp, args.channels_last)
-        score = held_out["acc"] if args.select == "val" else test["acc"] if args.select == "test" else None
-        improved = stopper.step(score, epoch)
+        improved = stopper.step(held_out["acc"] if held_out else test["acc"], epoch)  # under last: recorded only
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], **metrics("val", held_out),
                **metrics("test", test), **epoch_lrs(optimizer),
                "seconds": train["seconds"] + test["seconds"] + (held_out["seconds"] if held_out else 0.0),

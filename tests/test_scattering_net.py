@@ -276,3 +276,44 @@ def test_memory_batch_prints_the_measured_total(capsys):
         ["--n-blocks", "2", "--L", "4", "--in-spatial", "16", "--memory-batch", "8"]))
     last = capsys.readouterr().out.splitlines()[-1]
     assert last.startswith("training memory at batch 8 (fp32, every weight trained): ") and last.endswith(" GiB")
+
+
+def test_the_design_documents_keyword_constructor_runs_as_written():
+    # Traditional scattering (fixed wavelets + complex modulus)
+    model = ScatteringNet(
+        n_blocks=3, in_channels=3, in_spatial=32,
+        nb_classes=10, L=8,
+        learnable=False, modulus_type='complex_modulus',
+    )
+    assert model.config == Config(n_blocks=3, learnable=False) and model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    # Learnable scattering (trainable wavelets + phase ReLU with collapse)
+    model = ScatteringNet(
+        n_blocks=3, in_channels=3, in_spatial=32,
+        nb_classes=10, L=8,
+        learnable=True, modulus_type='phase_relu',
+    )
+    assert model.config == Config(n_blocks=3, modulus_type="phase_relu")
+    assert ScatteringNet().config == Config()  # the keywords' defaults are ModelConfig's, one copy
+    with pytest.raises(TypeError, match="unexpected keyword argument 'n_block'"):
+        ScatteringNet(n_block=3)
+    with pytest.raises(TypeError, match=r"ScatteringNet takes a ModelConfig or keywords, not both \(got \['L'\] too\)"):
+        ScatteringNet(Config(), L=4)
+
+
+def test_the_design_documents_checkpoint_snippet_runs(tmp_path, capsys, monkeypatch):
+    import quick_check
+    quick_check.main(quick_check.get_args_parser().parse_args([
+        "--dataset", "synthetic", "--train-size", "200", "--n-blocks", "1", "--L", "4", "--epochs", "1",
+        "--batch-size", "50", "--seed", "0", "--print-freq", "0", "--threads", "1", "--device", "cpu",
+        "--select", "last", "--save-dir", str(tmp_path / "runs" / "phase_b")]))
+    monkeypatch.chdir(tmp_path)
+    saved = torch.load("runs/phase_b/best.pth", weights_only=True)["model_config"]
+    # the snippet, with its ScatteringNet(...) filled from the checkpoint's config
+    import torch as torch_in_snippet
+    from scattering_net import ScatteringNet as Net
+
+    model = Net(**saved)
+    ckpt = torch_in_snippet.load("runs/phase_b/best.pth", weights_only=False)
+    model.load_state_dict(ckpt["state_dict"])
+    print(f"Best val acc: {ckpt['best_val_acc']:.2f}% (epoch {ckpt['epoch']})")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("Best val acc: ")
