@@ -16,7 +16,9 @@ import copy
 import gzip
 import math
 import os
+import pickle
 import shutil
+import sys
 import zlib
 from dataclasses import dataclass, replace
 
@@ -223,6 +225,90 @@ def _cifar(name, data_dir):
         x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
         splits.append((x, torch.tensor(ds.targets, dtype=torch.int64)))
     return splits[0], splits[1]
+
+
+# ----------------------------------------------------------------------------- the CIFAR-10 sample
+
+# The CIFAR-10 development sample: the first SAMPLE_PER_BATCH images of each batch, train from batches 1-3 in
+# order (3,051 images), val from batch 4 (1,017), saved as <split>/<class>/<index:05d>.png, the index counted
+# over the split. A fixed cut anyone with CIFAR-10 can rebuild (python data.py cifar10-sample).
+SAMPLE_PER_BATCH = 1017
+SAMPLE_SPLITS = {"train": ("data_batch_1", "data_batch_2", "data_batch_3"), "val": ("data_batch_4",)}
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+CIFAR_SIDE = 32
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """A CIFAR python batch holds a dict of bytes, lists and NumPy arrays: refuse any other global (code)."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise DatasetError(f"a CIFAR batch may hold NumPy arrays only, not {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path):
+    """(uint8 images (N, 3, 32, 32), labels list) of one CIFAR-10 python batch file."""
+    try:
+        with open(path, "rb") as f:
+            batch = _BatchUnpickler(f, encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, CIFAR_SIDE, CIFAR_SIDE)  # rows of R,G,B planes
+        return images, [int(label) for label in batch[b"labels"]]
+    except FileNotFoundError:
+        raise DatasetError(f"{path} not found: --cifar-dir must hold CIFAR-10's python batches "
+                           f"(cifar-10-batches-py)") from None
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DatasetError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__})") from None
+
+
+def build_cifar10_sample(cifar_dir, out):
+    """Write the CIFAR-10 sample (SAMPLE_SPLITS) under ``out`` from the python batches in ``cifar_dir``.
+
+    Refuses an ``out`` that already exists (nothing is overwritten); returns {split: images written}.
+    """
+    from PIL import Image
+    if os.path.exists(out):
+        raise DatasetError(f"{out} already exists: choose another --out (nothing was overwritten)")
+    batches = {name: read_cifar_batch(os.path.join(cifar_dir, name)) for files in SAMPLE_SPLITS.values()
+               for name in files}
+    short = [name for name, (images, _) in batches.items() if len(images) < SAMPLE_PER_BATCH]
+    if short:
+        raise DatasetError(f"{', '.join(short)} in {cifar_dir} hold fewer than {SAMPLE_PER_BATCH:,} images")
+    partial = out + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    counts = {}
+    for split, files in SAMPLE_SPLITS.items():
+        index = 0
+        for name in files:
+            images, labels = batches[name]
+            for image, label in zip(images[:SAMPLE_PER_BATCH], labels[:SAMPLE_PER_BATCH]):
+                folder = os.path.join(partial, split, CIFAR10_CLASSES[label])
+                os.makedirs(folder, exist_ok=True)
+                Image.fromarray(image.transpose(1, 2, 0)).save(os.path.join(folder, f"{index:05d}.png"))  # (C, H, W) -> (H, W, C)
+                index += 1
+        counts[split] = index
+    os.rename(partial, out)  # the tree appears whole or not at all
+    return counts
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="Build the CIFAR-10 development sample (an ImageFolder tree).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("task", choices=["cifar10-sample"])
+    parser.add_argument("--cifar-dir", required=True, help="the extracted cifar-10-batches-py folder")
+    parser.add_argument("--out", default="data/cifar10-sample", help="the tree to write (must not exist)")
+    args = parser.parse_args(argv)
+    try:
+        counts = build_cifar10_sample(args.cifar_dir, args.out)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"wrote {counts['train']:,} train and {counts['val']:,} val images to {args.out} "
+          f"(train with --dataset folder --data-dir {args.out})")
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -678,3 +764,7 @@ def build_loaders(name, data_dir, train_size, batch_size, device, fast_path=None
         return EpochDataLoader(dataset, batch_size, training, workers, device, seed, rank, world_size)
     return Loaders(loader(train_ds, True), loader(held_ds, False) if holdout else None, loader(test_ds, False), info,
                    *sizes)
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,8 @@ def get_args_parser():
     group = parser.add_argument_group("training")
     group.add_argument("--learnable", action="store_true", help="train the wavelet filters too")
     group.add_argument("--epochs", type=int, default=150, help="training epochs")
-    group.add_argument("--batch-size", type=int, default=128, help="mini-batch size (global under torchrun)")
+    group.add_argument("--batch-size", "--global-batch-size", type=int, default=128,
+                       help="mini-batch size (global under torchrun)")
     group.add_argument("--lr", type=float, default=1e-3, help="initial AdamW learning rate")
     group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     group.add_argument("--patience", type=int, default=1000, help="early-stopping patience in epochs")

@@ -149,7 +149,8 @@ def get_args_parser():
                              "its RMS / the RMS of the Morlet wavelets (zero-initialised entries of dense blocks "
                              "move in proportion)")
     training = parser.add_argument_group("training")
-    training.add_argument("--global-batch-size", type=int, default=128, help="split evenly across DDP ranks")
+    training.add_argument("--global-batch-size", "--batch-size", type=int, default=128,
+                          help="the batch over all processes, split evenly across DDP ranks")
     training.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     training.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs")
     training.add_argument("--resume", action="store_true", help="continue the interrupted run in --save-dir")

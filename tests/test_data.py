@@ -1,11 +1,15 @@
 import gzip
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import data
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 N_DRAWS = 4000  # augmentation samples per path; 25 crop offsets -> 160 expected per offset
 
@@ -385,3 +389,55 @@ def test_dataloader_workers_repeat_an_epoch_after_a_restart():
     second = batches(running, 2)
     restarted = batches(make().train, 2)
     assert all(torch.equal(a, b) for a, b in zip(second, restarted)) and len(second) == 4
+
+
+def write_cifar_batches(folder, extra=2):
+    """CIFAR-10 python batches 1-4 of random images (SAMPLE_PER_BATCH + extra each), in CIFAR's format."""
+    import pickle
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4"):
+        n = data.SAMPLE_PER_BATCH + extra
+        batches[name] = (rng.integers(0, 256, (n, 3 * 32 * 32), dtype=np.uint8), rng.integers(0, 10, n).tolist())
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"batch_label": b"x", b"data": batches[name][0], b"labels": batches[name][1]}, f)
+    return batches
+
+
+def test_the_cifar10_sample_is_rebuilt_from_cifars_python_batches(tmp_path):
+    from PIL import Image
+    batches = write_cifar_batches(tmp_path)
+    out = tmp_path / "sample"
+    proc = subprocess.run([sys.executable, "data.py", "cifar10-sample", "--cifar-dir", str(tmp_path), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("wrote 3,051 train and 1,017 val images to")
+    for split, names in (("train", ["data_batch_1", "data_batch_2", "data_batch_3"]), ("val", ["data_batch_4"])):
+        images = np.concatenate([batches[n][0][:data.SAMPLE_PER_BATCH] for n in names])
+        labels = sum((batches[n][1][:data.SAMPLE_PER_BATCH] for n in names), [])
+        for index in sorted({0, 1016, len(labels) - 1, min(1017, len(labels) - 1)}):
+            path = out / split / data.CIFAR10_CLASSES[labels[index]] / f"{index:05d}.png"
+            pixels = np.asarray(Image.open(path)).transpose(2, 0, 1)  # (H, W, C) -> (C, H, W)
+            assert np.array_equal(pixels, images[index].reshape(3, 32, 32))  # rows hold the R, G, B planes
+        assert sum(len(files) for _, _, files in os.walk(out / split)) == len(labels)
+    (x, y), (xv, _), info = data.load_dataset("folder", str(out))
+    assert x.shape == (3051, 3, 32, 32) and xv.shape == (1017, 3, 32, 32) and info.nb_classes == 10
+
+
+def test_the_cifar10_sample_refuses_what_it_cannot_build(tmp_path, capsys):
+    (tmp_path / "exists").mkdir()
+    for argv, message in (
+            (["--cifar-dir", str(tmp_path), "--out", str(tmp_path / "exists")],
+             f"error: {tmp_path / 'exists'} already exists: choose another --out (nothing was overwritten)"),
+            (["--cifar-dir", str(tmp_path), "--out", str(tmp_path / "new")],
+             f"error: {tmp_path / 'data_batch_1'} not found: --cifar-dir must hold CIFAR-10's python batches "
+             f"(cifar-10-batches-py)")):
+        with pytest.raises(SystemExit) as e:
+            data.main(["cifar10-sample", *argv])
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == message
+    import pickle
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump(os.system, f)  # a pickle that would run code
+    with pytest.raises(data.DatasetError, match="may hold NumPy arrays only, not posix.system"):
+        data.read_cifar_batch(tmp_path / "data_batch_1")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()

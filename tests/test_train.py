@@ -757,3 +757,9 @@ def test_a_warm_up_as_long_as_its_phase_is_clamped_with_a_warning(tmp_path, caps
 ])
 def test_selection_flag_errors(flags, message, tmp_path, capsys):
     assert exit_2_message(capsys, *SMALL, *flags, "--save-dir", str(tmp_path)) == [message]
+
+
+def test_batch_size_spellings_are_one_flag():
+    import quick_check
+    assert train.get_args_parser().parse_args(["--batch-size", "64"]).global_batch_size == 64
+    assert quick_check.get_args_parser().parse_args(["--global-batch-size", "64"]).batch_size == 64
