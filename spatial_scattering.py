@@ -147,6 +147,9 @@ def safe_modulus(re, im):
 class ScatteringBlock(nn.Module):
     """Single-scale (J=1) scattering with 2x downsampling; see the module docstring.
 
+    ``forward`` (one fused strided convolution) and ``reference_forward`` (the
+    data flow one step at a time) compute the same output.
+
     Parameters
     ----------
     in_channels : int
@@ -378,6 +381,27 @@ class ScatteringBlock(nn.Module):
         phases = torch.stack([re, -re, im, -im], dim=-3).relu()  # (B, [g,] CL[/g], 4, H, W), contiguous per (c, l)
         # -> (B, 4CL, H, W); reshape, not view: channels_last inputs stack non-contiguously
         return self.phase_collapse(phases.reshape(B, -1, H, W))
+
+    def reference_forward(self, x):
+        """The block's data flow step by step with its own modules (docs/DESIGN.md, "The block"): no fusion,
+        no per-group weights, no in-place views. ``forward`` computes the same (the tests compare them)."""
+        S0 = self.phi_pool(self.phi_conv(x))
+        if self.lowpass_only:
+            return S0
+        xw = x[:, :self.wavelet_inputs]  # (B, C, M, N) -> (B, P, M, N): the channels of order < max_order
+        if self.modulus_resolution != "full":  # pool, then modulus (subsample: a one-tap pool)
+            S1 = self.reference_modulus(self.psi_pool(self.psi_real(xw)), self.psi_pool(self.psi_imag(xw)))
+        else:  # modulus at full resolution, then pool
+            S1 = self.psi_pool(self.reference_modulus(self.psi_real(xw), self.psi_imag(xw)))
+        return self._by_order(S0, S1)
+
+    def reference_modulus(self, re, im):
+        """S1 from (B, C*L, H, W) real and imaginary parts, as written in docs/DESIGN.md."""
+        if self.modulus_type == "complex_modulus":
+            return torch.sqrt(re ** 2 + im ** 2)
+        B, CL, H, W = re.shape
+        phases = torch.stack([F.relu(re), F.relu(-re), F.relu(im), F.relu(-im)], dim=2)  # (B, CL, 4, H, W)
+        return self.phase_collapse(phases.reshape(B, N_PHASES * CL, H, W))  # -> (B, 4CL, H, W)
 
     @torch.no_grad()
     def diagonal_filters(self):

@@ -10,29 +10,6 @@ from spatial_scattering import (ScatteringBlock, block_parameter_count, compose_
                                 mixing_groups, output_orders)
 
 
-def reference_modulus(block, re, im):
-    if block.modulus_type == "complex_modulus":
-        return torch.sqrt(re ** 2 + im ** 2)
-    B, CL, H, W = re.shape
-    phases = torch.stack([F.relu(re), F.relu(-re), F.relu(im), F.relu(-im)], dim=2)
-    return block.phase_collapse(phases.reshape(B, 4 * CL, H, W))
-
-
-def reference_forward(block, x):
-    """The block's data flow with its own modules, one step at a time (no fusion, no per-group weights)."""
-    S0 = block.phi_pool(block.phi_conv(x))
-    if block.lowpass_only:
-        return S0
-    xw = x[:, :block.wavelet_inputs]
-    if block.modulus_resolution != "full":  # SPEC.md: pool, then modulus (subsample: a one-tap pool)
-        S1 = reference_modulus(block, block.psi_pool(block.psi_real(xw)), block.psi_pool(block.psi_imag(xw)))
-    else:  # modulus at full resolution, then pool
-        S1 = block.psi_pool(reference_modulus(block, block.psi_real(xw), block.psi_imag(xw)))
-    if block.max_order is None:
-        return torch.cat([S0, S1], dim=1)
-    return block._by_order(S0, S1)
-
-
 def per_channel_scattering(x, L, K, padding_mode="zeros"):
     """J=1 scattering of each channel separately from the NumPy filter bank (groups=C conv)."""
     bank = wk.filter_bank(L, K)
@@ -69,7 +46,7 @@ def test_fused_forward_equals_step_by_step(padding_mode, mixing_horizon, modulus
         for p in block.parameters():
             p.add_(0.1 * torch.randn_like(p))
     x = torch.randn(2, 4, *size, dtype=torch.float64)
-    torch.testing.assert_close(block(x), reference_forward(block, x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(block(x), block.reference_forward(x), rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
@@ -89,7 +66,7 @@ def test_order_limited_and_full_resolution_forward_equals_step_by_step(padding_m
     x = torch.randn(2, 6, 11, 10, dtype=torch.float64)
     out = block(x)
     assert out.shape == (2, block.out_channels, 5, 5)
-    torch.testing.assert_close(out, reference_forward(block, x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out, block.reference_forward(x), rtol=1e-10, atol=1e-10)
 
 
 def test_order_limit_channels_and_filters():
@@ -133,7 +110,7 @@ def test_subsample_takes_the_modulus_of_the_response_at_every_other_pixel(modulu
     x = torch.randn(2, 1, 16, 16, dtype=torch.float64)
     block = ScatteringBlock(1, L=4, modulus_type=modulus_type, modulus_resolution="subsample").double()
     re, im = block.psi_real(x)[..., ::2, ::2], block.psi_imag(x)[..., ::2, ::2]  # full resolution, top-left pixels
-    torch.testing.assert_close(block(x)[:, 1:], reference_modulus(block, re, im), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(block(x)[:, 1:], block.reference_modulus(re, im), rtol=1e-10, atol=1e-10)
     half = ScatteringBlock(1, L=4, modulus_type=modulus_type).double()
     torch.testing.assert_close(block(x)[:, :1], half(x)[:, :1])  # the low-pass path keeps the mean
     assert block(x)[:, 1:].mean() > 1.5 * half(x)[:, 1:].mean()  # the carrier is no longer averaged away
