@@ -2,10 +2,10 @@
 
     pip install -r requirements-bench.txt
     python benchmark.py --device cpu --threads 2 --cases cifar --batch-sizes 128
-    # 2 CPU cores (BENCHMARKS.md): fixed per-channel ScatteringNet forward ~6x kymatio's throughput
+    # 2 CPU cores (BENCHMARKS.md): fixed per-channel ScatteringNet forward ~17x kymatio's throughput
     python benchmark.py --device cpu --threads 2 --training     # quick_check epoch: fast path vs DataLoader
     python benchmark.py --device cpu --threads 2 --accuracy     # same head on full Fashion-MNIST, both transforms
-    python benchmark.py --device cpu --threads 2 --accuracy --dataset folder --data-dir ../shared/data/cifar10-sample
+    python benchmark.py --device cpu --threads 2 --accuracy --dataset folder --data-dir data/cifar10-sample
 
 Speed rows: images/s and ms per batch (median of repeated calls after warm-up),
 peak memory on CUDA, and the ratio of images/s to kymatio's for the same case,
@@ -278,7 +278,7 @@ def accuracy_rows(args, device):
     """Every transform frozen, the same head, loop, data, epochs and seed (quick_check.py's training).
 
     ScatteringNet (2 blocks, L=8, per channel) with each --modulus-resolution
-    (half: SPEC.md's order), and kymatio's Scattering2D(J=2, L=8).
+    (half: the design's order, docs/DESIGN.md), and kymatio's Scattering2D(J=2, L=8).
     """
     rows = []
     run_args = quick_check_args("--epochs", str(args.epochs), "--print-freq", "0", "--device", str(device),

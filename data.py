@@ -3,7 +3,7 @@
     python -c "import data; tr, te, info = data.load_dataset('synthetic', './data'); print(info.name, tr[0].shape)"
     # -> synthetic torch.Size([4000, 3, 32, 32])
 
-Two pipelines draw from the same augmentation distribution (SPEC.md, "Data augmentation"):
+Two pipelines draw from the same augmentation distribution (random crop with padding, horizontal flip where the dataset has it):
 
 - ``TensorLoader``: the whole uint8 dataset as one tensor on the training
   device; crop, flip and normalisation are applied per batch on that device.

@@ -1,4 +1,4 @@
-"""Single-phase sanity run (SPEC.md, "Quick Check"): one model, one AdamW, a cosine schedule.
+"""Single-phase sanity run (docs/DESIGN.md, "The experiment pipeline"): one model, one AdamW, a cosine schedule.
 
     python quick_check.py --dataset fashion-mnist --epochs 3
     # (make demo's quick run) fixed 2-block L=8 scattering + BN + linear, ~87-88 % after 3 epochs

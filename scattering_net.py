@@ -7,7 +7,7 @@
 
 Block j maps (B, C_j, S/2^j, S/2^j) to (B, C_j(1+L), S/2^(j+1), S/2^(j+1)), so
 C_j = C_0 (1+L)^j: the cascade computes scattering paths of order <= J at
-scale 2^J (SPEC.md, "Connection to Fast Wavelet Transform and Scattering").
+scale 2^J (docs/DESIGN.md, "The network").
 With --max-order M only the paths with at most M band-pass filters are
 computed: sum_{k<=M} binom(J, k) L^k per input channel, 1 + JL + L^2 J(J-1)/2
 for M=2 (kymatio's Scattering2D(J, L, max_order=2) path count).
@@ -20,16 +20,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils import die
+from wavelet_kernels import check_kernel_size
+from spatial_scattering import (MODULUS_RESOLUTIONS, MODULUS_TYPES, PADDING_MODES, ScatteringBlock,
+                                block_parameter_count, filter_movement, mixing_groups, output_orders,
+                                wavelet_inputs, wavelet_parameter_count)
 
 # fp32 weight + gradient + AdamW's two moments, per trainable parameter.
 TRAINING_BYTES_PER_PARAM = 16
 # How the block weights start: the scattering transform's filters, or PyTorch's default initialisation.
 INITS = ("wavelet", "random")
-from wavelet_kernels import check_kernel_size
-from spatial_scattering import (MODULUS_RESOLUTIONS, MODULUS_TYPES, PADDING_MODES, ScatteringBlock,
-                                block_parameter_count, filter_movement, mixing_groups, output_orders,
-                                wavelet_inputs, wavelet_parameter_count)
 
 
 @dataclass(frozen=True)
@@ -121,7 +120,7 @@ def add_model_args(parser):
                        help="compute only the paths with at most this many band-pass filters (channels sorted by "
                             "order); default: every order")
     group.add_argument("--modulus-resolution", default=d.modulus_resolution, choices=MODULUS_RESOLUTIONS,
-                       help="half: 2x2 mean, then modulus (SPEC.md); subsample: modulus of the response at every "
+                       help="half: 2x2 mean, then modulus (the default); subsample: modulus of the response at every "
                             "other pixel (the pooling starts as one tap); full: modulus at full resolution, then mean")
     group.add_argument("--init", default=d.init, choices=INITS,
                        help="wavelet: Morlet filters, average pooling, phase collapse 1/sqrt(2); random: PyTorch's "
@@ -135,7 +134,7 @@ def plan_blocks(config):
     """Per-block plans of a ModelConfig; ValueError if it is impossible.
 
     Each block halves the resolution, rounding down like a 2 x 2 stride-2
-    pooling (224 -> 112 -> 56 -> 28 -> 14 -> 7 -> 3 for SPEC.md's 6-block
+    pooling (224 -> 112 -> 56 -> 28 -> 14 -> 7 -> 3 for the 6-block ImageNet
     ImageNet run), so every block needs at least 2 x 2 input; 'reflect'
     padding also needs more input pixels than the kernel's half-width.
     """
@@ -349,6 +348,7 @@ def get_args_parser():
 
 
 def main(args):
+    from utils import die  # the command line's error line; the model itself needs only the three model modules
     try:
         config = ModelConfig.from_args(args)
         plan = count_parameters(config)

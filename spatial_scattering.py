@@ -3,7 +3,7 @@
     python -c "import torch, spatial_scattering as s; print(s.ScatteringBlock(3)(torch.randn(2, 3, 32, 32)).shape)"
     # -> torch.Size([2, 27, 16, 16])
 
-Data flow (SPEC.md, "ScatteringBlock Architecture"), for x of shape (B, C, M, N):
+Data flow (docs/DESIGN.md, "The block"), for x of shape (B, C, M, N):
 
     S0 = pool_phi(phi_conv(x))                                  (B, C,   M/2, N/2)
     re, im = pool_psi(psi_real(x)), pool_psi(psi_imag(x))       (B, C*L, M/2, N/2)
@@ -45,12 +45,12 @@ import torch.nn.functional as F
 import wavelet_kernels
 
 MODULUS_TYPES = ("complex_modulus", "phase_relu")
-# Where the modulus is taken: after the 2 x 2 pooling (SPEC.md's order) or before it, at full resolution.
+# Where the modulus is taken: after the 2 x 2 pooling (the default order) or before it, at full resolution.
 MODULUS_RESOLUTIONS = ("half", "subsample", "full")
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 # relu(a) + relu(-a) = |a|, and (|a| + |b|) / sqrt(2) lies between |a + ib| / sqrt(2)
 # and |a + ib|: with 1/sqrt(2) on each rectified phase, phase_relu starts as the
-# complex modulus to within a factor sqrt(2) (SPEC.md, "Phase Collapse").
+# complex modulus to within a factor sqrt(2) (docs/DESIGN.md, "The block").
 PHASE_COLLAPSE_INIT = 1.0 / math.sqrt(2.0)
 # Weight of each tap of a 2 x 2 average pooling.
 AVG_POOL_2X2 = 0.25
@@ -173,7 +173,7 @@ class ScatteringBlock(nn.Module):
         Input channels per path order, order 0 first (sum: in_channels);
         used with max_order. None: every input channel is of order 0.
     modulus_resolution : {'half', 'subsample', 'full'}
-        Take the modulus after the 2 x 2 mean (SPEC.md), of the response at
+        Take the modulus after the 2 x 2 mean (the default), of the response at
         every other pixel (the wavelet pooling starts as one tap), or at full
         resolution before the 2 x 2 mean.
     """
@@ -352,7 +352,7 @@ class ScatteringBlock(nn.Module):
         return self.psi_pool(S1) if full else S1
 
     def _by_order(self, S0, S1):
-        """cat(S0, S1) with the channels sorted by order (max_order) or in SPEC.md's order (no limit)."""
+        """cat(S0, S1) with the channels sorted by order (max_order) or as cat(S0, S1) (no limit)."""
         if self.max_order is None:
             return torch.cat([S0, S1], dim=1)
         sources = (S0, S1)
@@ -434,7 +434,7 @@ def split_groups(y, groups, sizes):
 
 
 def wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon=None, lowpass_only=False, wavelet_inputs=None):
-    """Weights of phi_conv + psi_real + psi_imag, as SPEC.md's mixing-horizon table counts them.
+    """Weights of phi_conv + psi_real + psi_imag, as docs/DESIGN.md's mixing-horizon table counts them.
 
     wavelet_inputs: the input channels that get wavelets (max_order); default all.
     """

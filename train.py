@@ -1,4 +1,4 @@
-"""Two-phase experiment pipeline (SPEC.md, "Experiment Pipeline").
+"""Two-phase experiment pipeline (docs/DESIGN.md, "The experiment pipeline").
 
     python train.py --dataset fashion-mnist --modulus-type phase_relu --epochs 15 --save-dir runs/fmnist
     torchrun --nproc_per_node=2 train.py --dataset synthetic --train-size 800 --epochs 3 --save-dir runs/ddp
@@ -86,7 +86,7 @@ def add_data_args(parser, default_dataset="cifar10"):
                        help="--dataset folder: resize + centre-crop every image to this size; default: the first "
                             "training image's")
     group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                       help="SPEC.md's training augmentation (random crop, flip where the dataset has it); "
+                       help="the training augmentation (random crop, flip where the dataset has it); "
                             "--no-augment: none (in-memory datasets)")
     selection = parser.add_argument_group("model selection")
     selection.add_argument("--select", choices=SELECT_RULES, default=None,
@@ -342,7 +342,7 @@ def set_rng_state(state):
 
 
 def make_checkpoint(model, model_state, phase, epoch, best_val_acc, run_config, training=None, provenance=None):
-    """The one place the checkpoint dict is built; loadable as SPEC.md's snippet shows.
+    """The one place the checkpoint dict is built; loadable as README.md's Python API shows.
 
     run_config: the run's flags (``config``, compared on --resume); the
     model's ModelConfig goes under ``model_config`` (None for another model,
@@ -365,7 +365,7 @@ def cpu_state(model):
 class RunState:
     """What a run has recorded so far, fresh or resumed: built once by ``load_run_state``.
 
-    ``save()`` writes the results JSON (SPEC.md, "Experiment output"):
+    ``save()`` writes the results JSON (docs/DESIGN.md, "The experiment pipeline"):
     ``config``, ``results``, ``curves``, and ``provenance``: one entry per
     session (the start and each resume) saying what code, libraries,
     machine and command ran it. ``resume`` is the last.pth the run

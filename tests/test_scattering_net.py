@@ -1,5 +1,6 @@
 import itertools
 import math
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -11,7 +12,7 @@ from scattering_net import ModelConfig as Config, ScatteringNet, count_parameter
 
 
 def matches_spec_rounding(n, text):
-    """True when n rounds to SPEC.md's figure, e.g. '3.98 B' means 3.975e9 <= n < 3.985e9."""
+    """True when n rounds to a figure of docs/DESIGN.md's tables, e.g. '3.98 B' means 3.975e9 <= n < 3.985e9."""
     number, unit = text.split()
     decimals = len(number.partition(".")[2])
     scale = {"K": 1e3, "M": 1e6, "B": 1e9}[unit]
@@ -31,7 +32,7 @@ def test_channel_growth_table(n_blocks, L, channels, classifier_in):
 
 
 def test_mixing_horizon_table():
-    # SPEC.md: block, C_in, dense wavelet params, horizon-27 wavelet params (K=7, L=8)
+    # docs/DESIGN.md: block, C_in, dense wavelet params, horizon-27 wavelet params (K=7, L=8)
     table = [(0, 3, "7.5 K", "7.5 K"), (1, 27, "607 K", "607 K"), (2, 243, "49 M", "5.5 M"),
              (3, 2_187, "3.98 B", "49 M"), (4, 19_683, "322.7 B", "443 M")]
     dense = plan_blocks(Config(n_blocks=5, L=8, kernel_size=7))
@@ -211,7 +212,7 @@ def test_order_limited_channel_counts(n_blocks, L, max_order):
 
 
 def all_orders_layout(in_channels, L, n_blocks):
-    """Path order of every output channel in SPEC.md's layout: cat(S0 of every input, S1 as c*L + l)."""
+    """Path order of every output channel in the design's layout: cat(S0 of every input, S1 as c*L + l)."""
     orders = [0] * in_channels
     for _ in range(n_blocks):
         orders = orders + [o + 1 for o in orders for _ in range(L)]
@@ -317,3 +318,22 @@ def test_the_design_documents_checkpoint_snippet_runs(tmp_path, capsys, monkeypa
     model.load_state_dict(ckpt["state_dict"])
     print(f"Best val acc: {ckpt['best_val_acc']:.2f}% (epoch {ckpt['epoch']})")
     assert capsys.readouterr().out.splitlines()[-1].startswith("Best val acc: ")
+
+
+def test_the_installed_modules_are_the_model_alone(tmp_path):
+    """pyproject.toml installs wavelet_kernels, spatial_scattering and scattering_net only: they must work
+    without the scripts' modules (utils, data, train) beside them."""
+    import shutil
+    import tomllib
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        modules = tomllib.load(f)["tool"]["setuptools"]["py-modules"]
+    assert modules == ["wavelet_kernels", "spatial_scattering", "scattering_net"]
+    for name in modules:
+        shutil.copy(os.path.join(root, f"{name}.py"), tmp_path)
+    code = ("from scattering_net import ScatteringNet; import torch; "
+            "print(ScatteringNet(n_blocks=2, L=4)(torch.zeros(1, 3, 32, 32)).shape)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "torch.Size([1, 10])"
