@@ -1,8 +1,8 @@
 """Single-phase sanity run (docs/DESIGN.md, "The experiment pipeline"): one model, one AdamW, a cosine schedule.
 
     python quick_check.py --dataset fashion-mnist --epochs 3
-    # (make demo's quick run) fixed 2-block L=8 scattering + BN + linear, ~87-88 % after 3 epochs
-    # on 2 CPU cores in under 2 minutes; README.md shows a full printout.
+    # fixed 2-block L=8 scattering + BN + linear on 2 CPU cores, a few minutes; its last line names the
+    # selected epoch (by default the best on a held-out 10 % of the training set) and its test accuracy
 
 The wavelets are frozen unless --learnable: then only BN + classifier train,
 which is what a fixed scattering transform with a linear head measures.

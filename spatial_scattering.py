@@ -59,7 +59,7 @@ SUBSAMPLE_TAP = (0, 0)
 # The rectified phases per (channel, orientation): +Re, -Re, +Im, -Im.
 N_PHASES = 4
 # Grid of the zero-padded FFT that locates a K x K filter's spectral peak: 2*pi/256 ~ 0.025 rad/sample
-# resolution, ten times finer than the frequency shifts that training produces (README.md, "Results").
+# resolution, ten times finer than the frequency shifts that training produces (docs/EXPERIMENTS.md).
 FFT_SIZE = 256
 
 

@@ -10,7 +10,7 @@ the filters moved). Results go to <save-dir>/results_<timestamp>.json after
 every epoch; checkpoints to <save-dir>/phase_{a,b}/{best,last}.pth.
 --from-phase-a DIR skips Phase A by continuing DIR's finished one (a copy):
 Phase B variants then differ in their Phase B flags only.
-Measured results are in README.md and BENCHMARKS.md, with their commands.
+Measured results are in README.md, docs/EXPERIMENTS.md and BENCHMARKS.md, with their commands.
 """
 import argparse
 import gc
@@ -43,7 +43,8 @@ LAST_KEYS = ("state_dict", "phase", "epoch", "config", "optimizer", "scheduler",
              "results", "curves_all", "json_path")
 JOINT = "joint"
 EXTRACTOR_LR_SCALES = ("fixed", "rms")
-# Phase B's defaults, chosen by the ablation in README.md ("Phase B without the collapse").
+# Phase B's defaults, chosen by the ablation in docs/EXPERIMENTS.md ("Phase B without the
+# collapse"; epochs selected on the test split then: superseded, to be re-measured).
 PHASE_B_RECIPE = {"lr_head_finetune": None, "warmup_epochs": 3.0, "carry_head_state": True,
                   "extractor_lr_scale": "rms"}
 # Phase B's head learning rate is --lr-head times this unless --lr-head-finetune says otherwise: Phase A
@@ -136,7 +137,7 @@ def get_args_parser():
     phases.add_argument("--l2-sp", "--l2-penalty", type=float, default=0.0, metavar="LAMBDA",
                         help="L2-SP: add LAMBDA/2 * ||W - W0||^2 over the blocks' weights to the loss (Li et al., "
                              "ICML 2018), W0 their values when they start to train")
-    recipe = parser.add_argument_group("Phase B recipe (README.md, \"Phase B without the collapse\")")
+    recipe = parser.add_argument_group("Phase B recipe (docs/EXPERIMENTS.md, \"Phase B without the collapse\")")
     recipe.add_argument("--lr-head-finetune", type=float, default=PHASE_B_RECIPE["lr_head_finetune"],
                         help=f"the head's learning rate in Phase B; default: --lr-head x {HEAD_FINETUNE_FACTOR}")
     recipe.add_argument("--warmup-epochs", type=float, default=PHASE_B_RECIPE["warmup_epochs"],
@@ -209,7 +210,7 @@ def check_fits(plan, device):
             main_print("  " + line)
         die(f"the model has {plan['n_params_total']:,} parameters: {need / 2 ** 30:,.1f} GiB for weights, gradients "
             f"and AdamW state, more than the {have / 2 ** 30:,.1f} GiB of {device}; --mixing-horizon, "
-            f"--global-avg-pool and --lowpass-last make it smaller (README.md, \"Fitting 5-6 blocks\")")
+            f"--global-avg-pool and --lowpass-last make it smaller (docs/DESIGN.md, \"Fitting 5-6 blocks\")")
 
 
 # ----------------------------------------------------------------------------- set-up
