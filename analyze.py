@@ -25,9 +25,9 @@ import sys
 
 import numpy as np
 import pandas as pd
-import torch
 
 import data
+import runner
 import train
 import wavelet_kernels
 from scattering_net import ModelConfig, ScatteringNet
@@ -52,7 +52,7 @@ FINAL_PHASE = {"two-phase": "phase_b", "frozen-continuation": "phase_b", "joint"
 MIN_POINTS_FOR_R = 3
 # A t-interval from two pairs has one degree of freedom (t_0.975 = 12.7): wider than the plot says anything.
 MIN_PAIRS_FOR_CI = 3
-# Config keys that choose a run's arm (how a run was executed: train.RUN_KEYS).
+# Config keys that choose a run's arm (how a run was executed: runner.RUN_KEYS).
 ARM_KEYS = ("init", "joint", "freeze_extractor")
 ACCURACIES = ("head_acc", "finetune_acc", "joint_acc")
 # The paired comparisons: wavelet two-phase finetune_acc minus (arm, init, accuracy column) of the same seed.
@@ -89,7 +89,7 @@ def load_experiments(results_dir):
     """[(path, parsed JSON)] of every usable results_*.json, sorted by path, each run once; warns about the others.
 
     A run recorded before --select gets select 'test' and today's curve keys
-    (train.legacy_curves). Two files of one run (the same configuration,
+    (runner.legacy_curves). Two files of one run (the same configuration,
     arm and seed: a copied folder, a sweep cell run twice) count once: the
     newest, with a warning naming both.
     """
@@ -109,8 +109,8 @@ def load_experiments(results_dir):
         if missing:
             print(f"warning: skipping {path}: missing {', '.join(missing)}", file=sys.stderr)
             continue
-        exp["curves"] = train.legacy_curves(exp["config"], exp["curves"]) if isinstance(exp.get("curves"), dict) else {}
-        exp["config"] = {**train.LEGACY_FLAGS, **exp["config"]}
+        exp["curves"] = runner.legacy_curves(exp["config"], exp["curves"]) if isinstance(exp.get("curves"), dict) else {}
+        exp["config"] = {**runner.LEGACY_FLAGS, **exp["config"]}
         experiments.append((path, exp))
     return one_per_run(experiments)
 

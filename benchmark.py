@@ -29,7 +29,7 @@ import torch.nn as nn
 
 import data
 import quick_check
-import train
+import runner
 from scattering_net import ModelConfig, ScatteringNet, count_parameters
 from spatial_scattering import MODULUS_RESOLUTIONS
 from utils import die, keep_freed_memory, write_json
@@ -284,17 +284,17 @@ def accuracy_rows(args, device):
     run_args = quick_check_args("--epochs", str(args.epochs), "--print-freq", "0", "--device", str(device),
                                 "--mixing-horizon", "1", "--lr", "5e-3", "--select", "last", dataset=args.dataset,
                                 data_dir=args.data_dir)
-    env = train.setup(run_args, run_args.batch_size, lock_save_dir=False)  # it saves to temporary folders
-    info = env["data"].info
+    env = runner.setup(run_args, run_args.batch_size, lock_save_dir=False)  # it saves to temporary folders
+    info = env.data.info
     models = []
     if "ours" in args.systems:
         for resolution in MODULUS_RESOLUTIONS:
             config = ModelConfig.from_args(run_args, info)
             models.append((f"ScatteringNet (fixed, 2 blocks, L=8, --modulus-resolution {resolution})",
-                           lambda c=config, r=resolution: train.build_model(
-                               replace(c, modulus_resolution=r), run_args.seed, env["device"])))
+                           lambda c=config, r=resolution: runner.build_model(
+                               replace(c, modulus_resolution=r), run_args.seed, env.device)))
     if "kymatio" in args.systems:
-        models.append(("kymatio Scattering2D(J=2, L=8)", lambda: kymatio_net(run_args, info, env["device"])))
+        models.append(("kymatio Scattering2D(J=2, L=8)", lambda: kymatio_net(run_args, info, env.device)))
     for name, build in models:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as save_dir:
@@ -352,7 +352,7 @@ def main(args):
     args.cases = parse_list("--cases", args.cases, CASES)
     args.systems = parse_list("--systems", args.systems, ("ours", "kymatio", "pytorch_wavelets"))
     args.batch_sizes = parse_list("--batch-sizes", args.batch_sizes, cast=int)
-    device = train.pick_device(args.device, 0)
+    device = runner.pick_device(args.device, 0)
     if device.type == "cpu":
         keep_freed_memory()  # as train.py does on CPU
     if args.threads is not None and args.threads < 1:

@@ -32,7 +32,6 @@ import torch
 
 import benchmark
 import data
-import train
 from engine import train_one_epoch
 from scattering_net import ModelConfig, ScatteringNet
 from utils import die, write_json
@@ -103,7 +102,7 @@ def throughput(device, size):
             model = ScatteringNet(ModelConfig(modulus_type="phase_relu", learnable=learnable)).to(device)
             if flags.get("channels_last"):
                 model = model.to(memory_format=torch.channels_last)
-            runner = torch.compile(model, dynamic=False) if flags.get("compile") else model  # as train.wrap_model
+            runner = torch.compile(model, dynamic=False) if flags.get("compile") else model  # as runner.wrap_model
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
             stats = train_one_epoch(runner, limited(loader, size["steps"]), optimizer, device, 1, flags.get("amp", False),
                                     flags.get("channels_last", False), print_freq=0)

@@ -13,7 +13,7 @@ import math
 import os
 import time
 
-import train
+import runner
 from scattering_net import ModelConfig, add_model_args
 from utils import die, format_seconds, main_print
 
@@ -21,7 +21,7 @@ from utils import die, format_seconds, main_print
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_data_args(parser)
+    runner.add_data_args(parser)
     add_model_args(parser)
     group = parser.add_argument_group("training")
     group.add_argument("--learnable", action="store_true", help="train the wavelet filters too")
@@ -31,7 +31,7 @@ def get_args_parser():
     group.add_argument("--lr", type=float, default=1e-3, help="initial AdamW learning rate")
     group.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
     group.add_argument("--patience", type=int, default=1000, help="early-stopping patience in epochs")
-    train.add_runtime_args(parser)
+    runner.add_runtime_args(parser)
     return parser
 
 
@@ -42,13 +42,13 @@ def fit_single_phase(phase, model, env, args, save_dir):
     returns (that epoch's test accuracy, the epoch, the per-epoch curves).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = train.adamw([{"params": params, "lr": args.lr, "name": "all", "nominal_lr": args.lr}],
+    optimizer = runner.adamw([{"params": params, "lr": args.lr, "name": "all", "nominal_lr": args.lr}],
                             args.weight_decay)
-    state = train.RunState(vars(args), json_path=None, curves={phase: []})
-    state.begin_session(env["device"], env["world_size"])
-    _, epoch = train.run_phase(phase, model, optimizer, env, args, state, save_dir, args.epochs)
-    train.finish_phase(state, save_dir)
-    return train.selected_row(state.curves[phase], epoch)["test_acc"], epoch, state.curves[phase]
+    state = runner.RunState(vars(args), json_path=None, curves={phase: []})
+    state.begin_session(env.device, env.world_size)
+    _, epoch = runner.run_phase(phase, model, optimizer, env, args, state, save_dir, args.epochs)
+    runner.finish_phase(state, save_dir)
+    return runner.selected_row(state.curves[phase], epoch)["test_acc"], epoch, state.curves[phase]
 
 
 def main(args):
@@ -58,12 +58,12 @@ def main(args):
     if existing:
         die(f"{existing[0]} already exists: choose another --save-dir (nothing was overwritten)")
     start = time.perf_counter()
-    env = train.setup(args, args.batch_size)
-    args.seed = env["seed"]
-    config = ModelConfig.from_args(args, env["data"].info)  # --learnable is ModelConfig.learnable
-    model = train.build_model(config, args.seed, env["device"], args.channels_last)
-    train.describe_run(env, model, "quick_check.py")
-    with env["lock"]:
+    env = runner.setup(args, args.batch_size)
+    args.seed = env.seed
+    config = ModelConfig.from_args(args, env.data.info)  # --learnable is ModelConfig.learnable
+    model = runner.build_model(config, args.seed, env.device, args.channels_last)
+    runner.describe_run(env, model, "quick_check.py")
+    with env.lock:
         test_acc, epoch, curves = fit_single_phase("quick_check", model, env, args, args.save_dir)
     main_print(f"test acc {test_acc:.2f}% at epoch {epoch} (selected by {args.select}) in "
                f"{format_seconds(time.perf_counter() - start)}; model saved to {os.path.join(args.save_dir, 'best.pth')}")
@@ -71,4 +71,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    train.run_script(main, get_args_parser().parse_args(), resume_hint=False)
+    runner.run_script(main, get_args_parser().parse_args(), resume_hint=False)

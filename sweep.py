@@ -31,6 +31,7 @@ import sys
 import threading
 import time
 
+import runner
 import train
 from utils import die, format_seconds
 
@@ -309,8 +310,8 @@ def main(args, extra):
     except KeyboardInterrupt:
         print("[sweep] interrupted (Ctrl-C): the running cells saved their last epoch; run the same command to "
               "carry on", file=sys.stderr, flush=True)
-        return train.EXIT_INTERRUPTED
-    diverged = [(name, train.EXIT_DIVERGED, os.path.join(save_dir, "train.log")) for name, save_dir, _ in grid
+        return runner.EXIT_INTERRUPTED
+    diverged = [(name, runner.EXIT_DIVERGED, os.path.join(save_dir, "train.log")) for name, save_dir, _ in grid
                 if states[name] == "failed"]
     for name, code, log_path in diverged + sweep.failed:
         print(f"[sweep] failed: {name} (exit code {code}); log: {log_path}", file=sys.stderr)

@@ -77,9 +77,9 @@ def test_never_overwrites_a_saved_model(tmp_path, capsys):
 
 def test_fit_single_phase_trains_any_module(tmp_path):
     """benchmark.py --accuracy trains kymatio's network through it: a model without a ModelConfig."""
-    import train
+    import runner
     args = quick_check.get_args_parser().parse_args([*SMALL, "--save-dir", str(tmp_path)])
-    env = train.setup(args, args.batch_size, lock_save_dir=False)
+    env = runner.setup(args, args.batch_size, lock_save_dir=False)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.AvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
     test_acc, epoch, curves = quick_check.fit_single_phase("plain", model, env, args, str(tmp_path))

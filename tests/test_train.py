@@ -18,6 +18,7 @@ import torch
 
 import analyze
 import data
+import runner
 import train
 from engine import evaluate
 from scattering_net import ModelConfig, ScatteringNet
@@ -422,7 +423,7 @@ def test_l2_sp_penalty_value():
 
 def test_warmup_then_cosine_per_step():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = train.warmup_cosine(optimizer, steps_per_epoch=10, epochs=3, warmup_epochs=1)
+    scheduler = runner.warmup_cosine(optimizer, steps_per_epoch=10, epochs=3, warmup_epochs=1)
     lrs = []
     for _ in range(30):
         lrs.append(optimizer.param_groups[0]["lr"])
@@ -451,7 +452,7 @@ def test_rms_scaled_extractor_learning_rates():
 def test_phase_b_continues_the_heads_adamw_moments(finished_run):
     save_dir, _ = finished_run
     model = small_model()
-    optimizer = train.adamw(train.extractor_groups(model, 1e-4, "rms") + [train.head_group(model, 1e-4)], 0.0)
+    optimizer = runner.adamw(train.extractor_groups(model, 1e-4, "rms") + [train.head_group(model, 1e-4)], 0.0)
     train.carry_head_moments(optimizer, model, torch.load(os.path.join(save_dir, "phase_a", "last.pth"))["optimizer"])
     saved = torch.load(os.path.join(save_dir, "phase_a", "last.pth"))["optimizer"]["state"]
     for i, p in enumerate(model.head_parameters()):
@@ -488,16 +489,16 @@ def test_folder_dataset_trains(tmp_path):
 
 def test_divergence_stops_the_run_keeps_the_last_good_epoch_and_writes_strict_json(tmp_path, capsys, monkeypatch):
     import engine
-    real = train.train_one_epoch
+    real = runner.train_one_epoch
 
     def diverge_in_epoch_2(*args, **kwargs):
         if args[4] == 2 and (tmp_path / "phase_b").is_dir():  # Phase B, epoch 2
             raise engine.NonFiniteLoss(5)
         return real(*args, **kwargs)
-    monkeypatch.setattr(train, "train_one_epoch", diverge_in_epoch_2)
+    monkeypatch.setattr(runner, "train_one_epoch", diverge_in_epoch_2)
     with pytest.raises(SystemExit) as e:
         train_in_process(*SMALL, "--warmup-epochs", "1", "--save-dir", str(tmp_path))
-    assert e.value.code == train.EXIT_DIVERGED == 3
+    assert e.value.code == runner.EXIT_DIVERGED == 3
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"error: phase_b diverged: the training loss became NaN or infinite at epoch 2, step 5; "
                            f"{tmp_path / 'phase_b'}/last.pth keeps epoch 1. Try lower learning rates")
@@ -603,10 +604,10 @@ def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(capsys):
     args = train.get_args_parser().parse_args(["--dataset", "synthetic", "--resume"])
     saved = {k: v for k, v in vars(args).items() if k not in ("max_order", "modulus_resolution")}
     what = "--resume: these flags differ from the interrupted run"
-    train.check_same_flags(saved, args, what)  # no error
+    train.check_same_flags(saved, args, what, train.flag_defaults())  # no error
     args.max_order = 2
     with pytest.raises(SystemExit) as e:
-        train.check_same_flags(saved, args, what)
+        train.check_same_flags(saved, args, what, train.flag_defaults())
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == ("error: --resume: these flags differ from the interrupted run: "
                                                "--max-order None (now 2)")
@@ -699,7 +700,7 @@ def legacy_run_folder(source, folder):
     """A copy of a --select test run as the code before --select wrote it: no select / val_size flags, no
     provenance, the test columns named val_* (its checkpoints only: the run as it stood after its Phase A)."""
     os.makedirs(folder / "phase_a")
-    old_names = {new: old for old, new in train.LEGACY_CURVE_KEYS.items()}
+    old_names = {new: old for old, new in runner.LEGACY_CURVE_KEYS.items()}
     for name in ("best.pth", "last.pth"):
         ckpt = torch.load(source / "phase_a" / name)
         for key in ("select", "val_size"):
