@@ -33,9 +33,11 @@ import wavelet_kernels
 from scattering_net import ModelConfig, ScatteringNet
 from utils import CheckpointError, die, load_checkpoint
 
-# The arms of the experiment: head then fine-tuning, head then more head training with the blocks
-# frozen (train.py --freeze-extractor), and one joint phase (train.py --joint, random init's protocol).
-TWO_PHASE, FROZEN, JOINT = "two-phase", "frozen-continuation", "joint"
+# How a run's blocks trained, the second half of its arm's name (train.arm_of): head then fine-tuning, head
+# then more head training with the blocks frozen (--freeze-extractor), one joint phase (--joint).
+TWO_PHASE, FROZEN, JOINT = "two-phase", "frozen", "joint"
+# The arm whose accuracy the comparisons are about.
+OURS = "wavelet-two-phase"
 REQUIRED_CONFIG = ("dataset", "n_blocks", "L", "modulus_type")
 REQUIRED_RESULTS = {
     TWO_PHASE: ("head_acc", "finetune_acc", "finetune_gain", "filter_delta_l2", "filter_delta_relative",
@@ -47,7 +49,7 @@ COLUMNS = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "init", "ar
            "finetune_acc", "finetune_gain", "joint_acc", "last_epoch_acc", "best_test_epoch_acc", "filter_delta_l2",
            "filter_delta_relative", "n_params_total", "n_params_trainable"]
 # The phase whose test accuracy is each arm's answer (beside it: its last epoch's and its best test epoch's).
-FINAL_PHASE = {"two-phase": "phase_b", "frozen-continuation": "phase_b", "joint": "joint"}
+FINAL_PHASE = {TWO_PHASE: "phase_b", FROZEN: "phase_b", JOINT: "joint"}
 # Pearson's r of fewer points says nothing (two points always lie on a line).
 MIN_POINTS_FOR_R = 3
 # A t-interval from two pairs has one degree of freedom (t_0.975 = 12.7): wider than the plot says anything.
@@ -55,10 +57,10 @@ MIN_PAIRS_FOR_CI = 3
 # Config keys that choose a run's arm (how a run was executed: runner.RUN_KEYS).
 ARM_KEYS = ("init", "joint", "freeze_extractor")
 ACCURACIES = ("head_acc", "finetune_acc", "joint_acc")
-# The paired comparisons: wavelet two-phase finetune_acc minus (arm, init, accuracy column) of the same seed.
-COMPARISONS = {"wavelet fine-tuned - random joint": (JOINT, "random", "joint_acc"),
-               "wavelet fine-tuned - frozen continuation": (FROZEN, "wavelet", "finetune_acc"),
-               "wavelet fine-tuned - its own head": (None, "wavelet", "head_acc")}
+# The paired comparisons: wavelet two-phase finetune_acc minus (arm, accuracy column) of the same seed.
+COMPARISONS = {"wavelet fine-tuned - random joint": ("random-joint", "joint_acc"),
+               "wavelet fine-tuned - frozen continuation": ("wavelet-frozen", "finetune_acc"),
+               "wavelet fine-tuned - its own head": (OURS, "head_acc")}
 CONFIDENCE = 0.95
 
 
@@ -98,7 +100,7 @@ def load_experiments(results_dir):
         try:
             with open(path) as f:
                 exp = json.load(f)
-            required = {"config": REQUIRED_CONFIG, "results": REQUIRED_RESULTS[arm_of(exp.get("config") or {})]}
+            required = {"config": REQUIRED_CONFIG, "results": REQUIRED_RESULTS[training_of(train.arm_of(exp.get("config") or {}))]}
             missing = [f"{part}.{key}" for part, keys in required.items() for key in keys
                        if key not in (exp.get(part) or {})]
             results = exp.get("results") or {}
@@ -117,7 +119,7 @@ def load_experiments(results_dir):
 
 def run_identity(config):
     """What makes a run the run it is: its configuration, arm and seed (how it ran left out)."""
-    return (base_configuration(config), arm_of(config), config.get("init", "wavelet"), config.get("seed"))
+    return base_configuration(config), train.arm_of(config), config.get("seed")
 
 
 def recorded_at(path, exp):
@@ -147,9 +149,9 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def arm_of(config):
-    """Which arm of the experiment a run's config belongs to (runs from before these flags: two-phase)."""
-    return JOINT if config.get("joint") else FROZEN if config.get("freeze_extractor") else TWO_PHASE
+def training_of(arm):
+    """How an arm's blocks trained: TWO_PHASE, FROZEN or JOINT (the part of its name after the init)."""
+    return arm.split("-", 1)[1]
 
 
 def summary_table(experiments):
@@ -159,9 +161,9 @@ def summary_table(experiments):
         config, results = exp["config"], exp["results"]
         row = {"dataset": config["dataset"], "train_size": results["actual_train_samples"],
                "n_blocks": config["n_blocks"], "L": config["L"], "modulus_type": config["modulus_type"],
-               "init": config.get("init", "wavelet"), "arm": arm_of(config), "select": config["select"]}
+               "init": config.get("init", "wavelet"), "arm": train.arm_of(config), "select": config["select"]}
         row.update({key: results[key] for key in COLUMNS if key in results})
-        row.update(optimism_columns(exp["curves"].get(FINAL_PHASE[row["arm"]])))
+        row.update(optimism_columns(exp["curves"].get(FINAL_PHASE[training_of(row["arm"])])))
         rows.append({**row, "seed": config.get("seed"), "commit": commit_of(exp), "base": base_configuration(config),
                      "path": path})
     table = pd.DataFrame(rows, columns=COLUMNS + ["seed", "commit", "base", "path"]).sort_values(
@@ -218,11 +220,10 @@ def paired_comparisons(table):
     of the mean difference (Student's t; NaN below 2 pairs).
     """
     rows = []
-    fine_tuned = table[(table.arm == TWO_PHASE) & (table.init == "wavelet")]
-    for base, ours in fine_tuned.groupby("base", sort=False):
+    for base, ours in table[table.arm == OURS].groupby("base", sort=False):
         same = table[table.base == base]
-        for name, (arm, init, column) in COMPARISONS.items():
-            theirs = same[(same.arm == arm) & (same.init == init)] if arm else ours
+        for name, (arm, column) in COMPARISONS.items():
+            theirs = same[same.arm == arm]
             pairs = ours.merge(theirs, on="seed", suffixes=("", "_other")).dropna(subset=[column + "_other"])
             if len(pairs):
                 commits = set(pairs.commit.fillna("unknown")) | set(pairs.commit_other.fillna("unknown"))
@@ -253,11 +254,11 @@ def configuration_label(row):
     return f"{row.dataset} J={row.n_blocks} L={row.L} {row.modulus_type}"
 
 
-# The data-efficiency plot's lines: (arm, init, accuracy column, legend text, marker style).
-EFFICIENCY_LINES = [(JOINT, "random", "joint_acc", "random init, joint", "d-."),
-                    (TWO_PHASE, "wavelet", "head_acc", "wavelet, frozen (head only)", "o--"),
-                    (FROZEN, "wavelet", "finetune_acc", "wavelet, frozen (head trained on)", "^:"),
-                    (TWO_PHASE, "wavelet", "finetune_acc", "wavelet, fine-tuned", "s-")]
+# The data-efficiency plot's lines: (arm, accuracy column, legend text, marker style).
+EFFICIENCY_LINES = [("random-joint", "joint_acc", "random init, joint", "d-."),
+                    (OURS, "head_acc", "wavelet, frozen (head only)", "o--"),
+                    ("wavelet-frozen", "finetune_acc", "wavelet, frozen (head trained on)", "^:"),
+                    (OURS, "finetune_acc", "wavelet, fine-tuned", "s-")]
 
 
 def plot_data_efficiency(plt, table, path):
@@ -265,8 +266,8 @@ def plot_data_efficiency(plt, table, path):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     labels = table.apply(configuration_label, axis=1) + ", select " + table["select"]
     for label, runs in table.groupby(labels):
-        for arm, init, column, text, style in EFFICIENCY_LINES:
-            rows = runs[(runs.arm == arm) & (runs.init == init)].dropna(subset=[column])
+        for arm, column, text, style in EFFICIENCY_LINES:
+            rows = runs[runs.arm == arm].dropna(subset=[column])
             if len(rows):
                 stats = rows.groupby("train_size")[column].agg(["mean", "std", "size"])
                 low, high = stats["size"].min(), stats["size"].max()
@@ -533,7 +534,7 @@ def analyze_results(plt, args):
     groups.to_csv(saved[0], index=False)
     table.drop(columns="base").to_csv(saved[1])
     significance.to_csv(saved[2], index=False)
-    fine_tuned = table[table.arm == TWO_PHASE]  # the gain plots are about learning the filters
+    fine_tuned = table[table.arm.map(training_of) == TWO_PHASE]  # the gain plots are about learning the filters
     plot_size_vs_gain(plt, fine_tuned, saved[3])
     r = plot_delta_vs_gain(plt, fine_tuned, saved[4])
     plot_data_efficiency(plt, table, saved[5])

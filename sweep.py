@@ -5,7 +5,7 @@
     python analyze.py --results-dir runs/sweep      # means, std, paired t-tests, data-efficiency plot
 
 Every train.py flag given a comma list is an axis of the grid; every other one is shared by
-all cells. --arm sets the experimental arm of a cell (ARMS below); without it each --init value
+all cells. --arm sets the experimental arm of a cell (train.ARMS); without it each --init value
 is one arm, and random init trains --joint unless the grid says otherwise. Each cell runs
 train.py in its own save-dir under --out, named from its arm, its axes and its --train-size and
 --seed. A cell is known by its full settings (the config its run recorded), not by its folder's
@@ -35,9 +35,6 @@ import runner
 import train
 from utils import die, format_seconds
 
-# The experimental arms, as train.py flags.
-ARMS = {"wavelet-two-phase": ["--init", "wavelet"], "wavelet-frozen": ["--init", "wavelet", "--freeze-extractor"],
-        "wavelet-joint": ["--init", "wavelet", "--joint"], "random-joint": ["--init", "random", "--joint"]}
 # Named in every cell's folder when given, as an axis or not: the flags a grid is most often extended along.
 ALWAYS_NAMED = ("--train-size", "--seed")
 # What a finished run's results JSON holds.
@@ -50,7 +47,7 @@ def get_args_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      epilog="Any other flag goes to train.py; a comma list makes it an axis.")
     parser.add_argument("--out", required=True, help="folder of the cells' save-dirs")
-    parser.add_argument("--arm", default=None, help=f"comma list of arms, from {list(ARMS)}")
+    parser.add_argument("--arm", default=None, help=f"comma list of arms, from {list(train.ARMS)}")
     parser.add_argument("--gpus", default=None, help="GPU slots: 0,1,2,3 (one cell each) or 0-3:2 (two per GPU)")
     parser.add_argument("--jobs", type=int, default=1, help="without --gpus: cells at a time on the CPU")
     parser.add_argument("--print-commands", action="store_true", help="print the cells' commands, run nothing")
@@ -105,7 +102,7 @@ def cells(axes, shared, arms):
         for values in itertools.product(*(axes[n] for n in names)):
             value_of = {**fixed, **dict(zip(names, values))}
             settings = ([f"arm={arm}"] if arm else []) + [f"{n.lstrip('-')}={value_of[n]}" for n in order]
-            argv = list(shared) + (ARMS[arm] if arm else []) + [x for n, v in zip(names, values) for x in (n, v)]
+            argv = list(shared) + (train.ARMS[arm] if arm else []) + [x for n, v in zip(names, values) for x in (n, v)]
             if random_init(argv) and "--joint" not in argv and "--joint" not in names:
                 argv.append("--joint")  # random init's protocol
             grid.append(("__".join(settings) or "run", argv))
@@ -279,9 +276,9 @@ class Sweep:
 def main(args, extra):
     axes, shared = parse_grid(extra)
     arms = args.arm.split(",") if args.arm else None
-    unknown = [a for a in arms or [] if a not in ARMS]
+    unknown = [a for a in arms or [] if a not in train.ARMS]
     if unknown:
-        die(f"--arm: unknown arm(s) {unknown}; choose from {list(ARMS)}")
+        die(f"--arm: unknown arm(s) {unknown}; choose from {list(train.ARMS)}")
     if args.jobs < 1:
         die(f"--jobs must be >= 1, got {args.jobs}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -41,6 +41,18 @@ HEAD_FINETUNE_FACTOR = 0.1
 PHASE_B_FLAGS = ("epochs", "lr_extractor", "freeze_extractor", "l2_sp", *PHASE_B_RECIPE, "save_dir", "from_phase_a")
 
 
+# The arms of the experiment, one table for sweep.py (--arm), analyze.py (its arm column) and the plots:
+# name -> the train.py flags that make a run of it. The name is <init>-<how the blocks train>.
+ARMS = {"wavelet-two-phase": ["--init", "wavelet"], "wavelet-frozen": ["--init", "wavelet", "--freeze-extractor"],
+        "wavelet-joint": ["--init", "wavelet", "--joint"], "random-joint": ["--init", "random", "--joint"]}
+
+
+def arm_of(config):
+    """The arm a run's config belongs to, named as in ARMS (runs from before these flags: wavelet-two-phase)."""
+    how = "joint" if config.get("joint") else "frozen" if config.get("freeze_extractor") else "two-phase"
+    return f"{config.get('init', 'wavelet')}-{how}"
+
+
 # ----------------------------------------------------------------------------- command line
 
 def get_args_parser():

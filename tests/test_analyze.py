@@ -147,10 +147,11 @@ def test_each_arm_is_its_own_row_and_line(real_run, tmp_path, capsys):
     assert code == 0 and err == "", err
     table = pd.read_csv(tmp_path / "plots" / "runs.csv", index_col="exp")
     by_arm = table.set_index("arm")
-    assert sorted(table.arm) == ["frozen-continuation", "joint", "two-phase"]
-    assert by_arm.loc["joint", "joint_acc"] == 70.0 and pd.isna(by_arm.loc["joint", "head_acc"])
-    assert by_arm.loc["joint", "init"] == "random" and by_arm.loc["two-phase", "init"] == "wavelet"
-    assert by_arm.loc["frozen-continuation", "finetune_acc"] == 81.0
+    assert sorted(table.arm) == ["random-joint", "wavelet-frozen", "wavelet-two-phase"]
+    assert set(table.arm) <= set(train.ARMS)  # one table of arm names for sweep.py and analyze.py
+    assert by_arm.loc["random-joint", "joint_acc"] == 70.0 and pd.isna(by_arm.loc["random-joint", "head_acc"])
+    assert by_arm.loc["random-joint", "init"] == "random" and by_arm.loc["wavelet-two-phase", "init"] == "wavelet"
+    assert by_arm.loc["wavelet-frozen", "finetune_acc"] == 81.0
     assert "Pearson r (filter_delta_relative vs finetune_gain): undefined" in out  # one two-phase run
 
 
@@ -209,7 +210,7 @@ def test_means_over_seeds_and_a_known_paired_t_test(real_run, tmp_path, capsys):
     code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path))
     assert code == 0, err
     groups = pd.read_csv(tmp_path / "plots" / "summary.csv")
-    wavelet = groups[(groups.arm == "two-phase") & (groups.train_size == 500)].iloc[0]
+    wavelet = groups[(groups.arm == "wavelet-two-phase") & (groups.train_size == 500)].iloc[0]
     assert wavelet.n == 3 and wavelet.finetune_acc_mean == pytest.approx(72.0) and wavelet.finetune_acc_std == pytest.approx(2.0)
     assert groups[groups.train_size == 100].iloc[0].n == 1
     significance = pd.read_csv(tmp_path / "plots" / "significance.csv").set_index("comparison")
