@@ -100,7 +100,8 @@ def load_experiments(results_dir):
         try:
             with open(path) as f:
                 exp = json.load(f)
-            required = {"config": REQUIRED_CONFIG, "results": REQUIRED_RESULTS[training_of(train.arm_of(exp.get("config") or {}))]}
+            arm = train.arm_of(exp.get("config") or {})
+            required = {"config": REQUIRED_CONFIG, "results": REQUIRED_RESULTS[training_of(arm)]}
             missing = [f"{part}.{key}" for part, keys in required.items() for key in keys
                        if key not in (exp.get(part) or {})]
             results = exp.get("results") or {}
@@ -126,8 +127,10 @@ def recorded_at(path, exp):
     """When a run last recorded a result: its provenance's last session end, else the file's time."""
     sessions = exp.get("provenance") if isinstance(exp.get("provenance"), list) else []
     ended = [s.get("ended") or s.get("started") for s in sessions if isinstance(s, dict)]
-    stamp = pd.Timestamp(ended[-1]).timestamp() if ended and ended[-1] else None
-    return stamp if stamp is not None else os.path.getmtime(path)
+    try:
+        return pd.Timestamp(ended[-1]).timestamp()
+    except (IndexError, TypeError, ValueError):  # no session, or a time that is not one
+        return os.path.getmtime(path)
 
 
 def one_per_run(experiments):

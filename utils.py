@@ -64,8 +64,6 @@ def format_seconds(seconds):
     return str(datetime.timedelta(seconds=int(round(seconds))))
 
 
-# ----------------------------------------------------------------------------- atomic files
-
 # ----------------------------------------------------------------------------- provenance
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -118,6 +116,8 @@ def provenance(device, world_size):
             "command": shlex.join([os.path.basename(sys.executable), *sys.argv]), "started": now_iso(),
             "ended": None, "wall_seconds": {}}
 
+
+# ----------------------------------------------------------------------------- atomic files
 
 def _atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename: a reader never sees half a file."""
