@@ -322,13 +322,13 @@ def test_resume_with_nothing_to_resume(tmp_path, capsys):
     assert line.startswith(f"error: --resume: no checkpoint to continue in {tmp_path}")
 
 
-SPEC_IMAGENET = ["--dataset", "imagenet", "--n-blocks", "6", "--L", "6", "--epochs", "90", "--lr-head", "0.01",
+IMAGENET_SIX_BLOCKS = ["--dataset", "imagenet", "--n-blocks", "6", "--L", "6", "--epochs", "90", "--lr-head", "0.01",
                  "--lr-extractor", "0.0001", "--global-batch-size", "1024"]
 
 
-def test_spec_imagenet_command_prints_its_plan_and_says_what_makes_it_fit(tmp_path, capsys):
+def test_the_six_block_imagenet_command_prints_its_plan_and_says_what_makes_it_fit(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        train_in_process(*SPEC_IMAGENET, "--device", "cpu", "--data-dir", str(tmp_path / "ImageNet"),
+        train_in_process(*IMAGENET_SIX_BLOCKS, "--device", "cpu", "--data-dir", str(tmp_path / "ImageNet"),
                          "--save-dir", str(tmp_path / "run"))
     out, err = capsys.readouterr()
     assert e.value.code == 2 and len(err.strip().splitlines()) == 1
