@@ -541,7 +541,7 @@ def split_pool(labels, train_size, seed=0, holdout=False, val_size=None):
     its own random stream (HOLDOUT_STREAM); the training subset is then drawn
     from the rest. A --train-size fraction is still a fraction of the whole
     pool, so a run's training-set size does not depend on whether it holds
-    images out.
+    images out; 1.0 (the whole pool) means every image not held out.
     """
     if not holdout:
         return stratified_subset(labels, train_size, seed), torch.arange(0)
@@ -550,7 +550,7 @@ def split_pool(labels, train_size, seed=0, holdout=False, val_size=None):
     rest = torch.ones(n, dtype=torch.bool)
     rest[held] = False
     rest = torch.nonzero(rest).flatten()
-    if train_size is None:
+    if train_size is None or train_size == 1.0:
         return rest, held
     count = subset_count(train_size, n)
     if count > len(rest):

@@ -71,7 +71,8 @@ def add_data_args(parser, default_dataset="cifar10"):
     group.add_argument("--dataset", default=default_dataset, choices=data.DATASETS)
     group.add_argument("--data-dir", default="./data", help="root folder (ImageNet: parent of train/ and val/)")
     group.add_argument("--train-size", default=None,
-                       help="stratified subset: a fraction (0.1) or a count (5000); default: the whole set")
+                       help="stratified subset: a fraction of the training pool (0.1) or a count (5000), drawn "
+                            "after the held-out split; 1.0 or none: every image not held out")
     group.add_argument("--image-size", type=int, default=None,
                        help="--dataset folder: resize + centre-crop every image to this size; default: the first "
                             "training image's")

@@ -71,6 +71,7 @@ def test_held_out_split_is_stratified_disjoint_and_leaves_the_training_fraction_
     assert not torch.equal(held, data.split_pool(labels, 200, seed=4, holdout=True)[1])
     everything, held = data.split_pool(labels, None, seed=3, holdout=True, val_size=0.25)
     assert len(held) == 250 and len(everything) == 750
+    assert torch.equal(data.split_pool(labels, 1.0, seed=3, holdout=True, val_size=0.25)[0], everything)  # 1.0: all
     # without a held-out split: the subset of the whole pool, as before --select existed
     train, held = data.split_pool(labels, 0.5, seed=3)
     assert torch.equal(train, data.stratified_subset(labels, 0.5, seed=3)) and len(held) == 0
