@@ -20,6 +20,7 @@ runs of different rules are never averaged or paired. Headless (Agg) unless
 import argparse
 import glob
 import json
+import math
 import os
 import sys
 
@@ -100,12 +101,11 @@ def load_experiments(results_dir):
         try:
             with open(path) as f:
                 exp = json.load(f)
-            arm = train.arm_of(exp.get("config") or {})
-            required = {"config": REQUIRED_CONFIG, "results": REQUIRED_RESULTS[training_of(arm)]}
-            missing = [f"{part}.{key}" for part, keys in required.items() for key in keys
-                       if key not in (exp.get(part) or {})]
-            results = exp.get("results") or {}
-            missing += [f"results.{key} as a number" for key in required["results"]
+            config, results = exp.get("config") or {}, exp.get("results") or {}
+            required = REQUIRED_RESULTS[training_of(train.arm_of(config))]
+            missing = [f"config.{key}" for key in REQUIRED_CONFIG if config.get(key) is None]
+            missing += [f"results.{key}" for key in required if key not in results]
+            missing += [f"results.{key} as a finite number" for key in required
                         if key in results and not is_number(results[key])]
         except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
             missing = [f"unreadable ({type(e).__name__})"]
@@ -149,7 +149,8 @@ def one_per_run(experiments):
 
 
 def is_number(value):
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool): NaN and infinities are no accuracy."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def training_of(arm):

@@ -21,10 +21,13 @@ without GPUs --jobs N runs N cells with the CPU threads split between them.
 GNU parallel); --dry-run lists the cells and how many are done.
 """
 import argparse
+import contextlib
 import glob
+import io
 import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -33,10 +36,12 @@ import time
 
 import runner
 import train
-from utils import die, format_seconds
+from utils import CheckpointError, SaveDirLock, die, format_seconds
 
 # Named in every cell's folder when given, as an axis or not: the flags a grid is most often extended along.
 ALWAYS_NAMED = ("--train-size", "--seed")
+# Exit code of a sweep stopped by SIGTERM (128 + the signal, as a shell reports it); Ctrl-C is runner's 130.
+EXIT_TERMINATED = 128 + signal.SIGTERM
 # What a finished run's results JSON holds.
 FINAL_KEYS = ("finetune_acc", "joint_acc")
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
@@ -90,7 +95,7 @@ def parse_grid(extra):
 
 
 def cells(axes, shared, arms):
-    """[(name, train.py argv)] of the grid: the product of the axes and the arms, in a fixed order."""
+    """[(name, train.py argv, arm)] of the grid: the product of the axes and the arms, in a fixed order."""
     names = list(axes)
     if arms is None and "--init" in axes:
         arms = [f"{init}-{'joint' if init == 'random' else 'two-phase'}" for init in axes.pop("--init")]
@@ -102,16 +107,39 @@ def cells(axes, shared, arms):
         for values in itertools.product(*(axes[n] for n in names)):
             value_of = {**fixed, **dict(zip(names, values))}
             settings = ([f"arm={arm}"] if arm else []) + [f"{n.lstrip('-')}={value_of[n]}" for n in order]
-            argv = list(shared) + (train.ARMS[arm] if arm else []) + [x for n, v in zip(names, values) for x in (n, v)]
-            if random_init(argv) and "--joint" not in argv and "--joint" not in names:
+            # the arm's flags first: a shared flag or axis that contradicts them wins, and checked_config refuses it
+            argv = (train.ARMS[arm] if arm else []) + list(shared) + [x for n, v in zip(names, values) for x in (n, v)]
+            if not arm and random_init(argv) and "--joint" not in argv and "--joint" not in names:
                 argv.append("--joint")  # random init's protocol
-            grid.append(("__".join(settings) or "run", argv))
+            grid.append(("__".join(settings) or "run", argv, arm))
     return grid
 
 
-def cell_settings(argv):
+def checked_config(name, argv, arm):
+    """The config a cell's train.py argv makes, checked as train.py checks it before loading anything.
+
+    Dies (one line naming the cell, exit 2) on a value train.py would refuse and on shared flags that
+    make the cell another arm than its name says, so that no cell runs before every cell is sound.
+    """
+    parser = train.get_args_parser()
+    parser.error = lambda message: die(f"sweep.py: cell {name}: {message}")
+    args = parser.parse_args(argv)
+    if arm and train.arm_of(vars(args)) != arm:
+        die(f"sweep.py: cell {name}: its flags ({shlex.join(argv)}) make a {train.arm_of(vars(args))} run; leave "
+            f"--init, --joint and --freeze-extractor to --arm")
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            train.check_flags(args)
+            runner.check_common_args(args, args.global_batch_size, 1)
+    except SystemExit:
+        die(f"sweep.py: cell {name}: {said.getvalue().strip().removeprefix('error: ')}")
+    return vars(parser.parse_args(argv))  # as given: the checks fill in defaults the run records as None
+
+
+def cell_settings(name, argv, arm):
     """(train.run_settings, seed) of the run a cell's train.py argv makes; seed None: train.py draws one."""
-    config = vars(train.get_args_parser().parse_args(argv))
+    config = checked_config(name, argv, arm)
     return train.run_settings(config), config["seed"]
 
 
@@ -131,13 +159,19 @@ def place_cells(grid, out):
     """[(name, save_dir, argv)]: each cell in the folder under ``out`` that holds its run, whatever an earlier
     command named it (the folder of its own name first), else in a new folder of its name.
 
-    Dies, before anything runs, when that name holds a run of other settings.
+    Dies, before anything runs, when a cell's flags are bad, when two cells are the same run (a value
+    repeated on an axis) or when a cell's name holds a run of other settings.
     """
     folders = sorted(glob.glob(os.path.join(glob.escape(out), "*", "")))
     recorded = {os.path.normpath(f): recorded_settings(f) for f in folders}
-    placed = []
-    for name, argv in grid:
-        settings, seed = cell_settings(argv)
+    placed, seen = [], {}
+    for name, argv, arm in grid:
+        settings, seed = cell_settings(name, argv, arm)
+        key = json.dumps([settings, seed], sort_keys=True, default=str)
+        if key in seen:
+            die(f"sweep.py: cell {name} is in the grid twice (a value repeated on an axis)" if seen[key] == name else
+                f"sweep.py: cells {seen[key]} and {name} are the same run")
+        seen[key] = name
         own = os.path.join(out, name)
         candidates = [own] + [f for f in recorded if f != own]
         home = next((f for f in candidates if recorded.get(f) and recorded[f][0] == settings
@@ -157,11 +191,19 @@ def random_init(argv):
 
 
 def state_of(save_dir):
-    """'done', 'interrupted' (has a last.pth to resume), 'failed' (diverged) or 'new'."""
+    """'done', 'interrupted' (has a last.pth to resume), 'failed' (diverged) or 'new'.
+
+    A results JSON that cannot be read, or whose "results" is not a mapping, does not make its cell done
+    (one warning line).
+    """
     for path in glob.glob(os.path.join(save_dir, "results_*.json")):
         try:
-            results = json.load(open(path))["results"]
+            with open(path) as f:
+                results = json.load(f)["results"]
         except (OSError, ValueError, KeyError, TypeError):
+            results = None
+        if not isinstance(results, dict):
+            print(f"warning: {path} holds no readable results; its cell is not counted as done", file=sys.stderr)
             continue
         if "diverged" in results:
             return "failed"
@@ -229,7 +271,13 @@ class Sweep:
                     return
                 name, save_dir, resume, argv = self.todo.pop(0)
                 self.running[name] = None
-            self.run_cell(slot, name, save_dir, resume, argv)
+            try:
+                self.run_cell(slot, name, save_dir, resume, argv)
+            except OSError as e:  # the cell's folder or log cannot be written: the cell fails, the sweep goes on
+                with self.lock:
+                    self.running.pop(name, None)
+                    self.failed.append((name, f"{e.strerror or e} writing {e.filename or save_dir}", None))
+                    self.progress()
 
     def run_cell(self, slot, name, save_dir, resume, argv):
         os.makedirs(save_dir, exist_ok=True)
@@ -250,7 +298,7 @@ class Sweep:
                 self.done += 1
                 self.walls.append(time.perf_counter() - start)
             elif not self.stopping:
-                self.failed.append((name, code, log_path))
+                self.failed.append((name, f"exit code {code}", log_path))
             self.progress()
 
     def progress(self):
@@ -263,7 +311,7 @@ class Sweep:
               flush=True)
 
     def stop(self):
-        """Ctrl-C: every running cell gets SIGINT and saves its last epoch (train.py exits 130)."""
+        """Ctrl-C or SIGTERM: every running cell gets SIGINT and saves its last epoch (train.py exits 130)."""
         with self.lock:
             self.stopping = True
             for proc in self.running.values():
@@ -287,7 +335,7 @@ def main(args, extra):
     states = {name: state_of(save_dir) for name, save_dir, _ in grid}
     if args.print_commands:
         for name, save_dir, argv in grid:
-            print(" ".join(command(argv, save_dir, states[name] == "interrupted")))
+            print(shlex.join(command(argv, save_dir, states[name] == "interrupted")))
         return 0
     if args.dry_run:
         for name, save_dir, _ in grid:
@@ -302,19 +350,46 @@ def main(args, extra):
     print(f"[sweep] {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run on "
           f"{len(slots)} slot(s) under {args.out}", flush=True)
     sweep = Sweep(todo, slots, threads)
+    lock = SaveDirLock(args.out, "--out", "sweep")  # also proves --out can be written, before any cell starts
     try:
-        sweep.run()
-    except KeyboardInterrupt:
-        print("[sweep] interrupted (Ctrl-C): the running cells saved their last epoch; run the same command to "
-              "carry on", file=sys.stderr, flush=True)
-        return runner.EXIT_INTERRUPTED
-    diverged = [(name, runner.EXIT_DIVERGED, os.path.join(save_dir, "train.log")) for name, save_dir, _ in grid
-                if states[name] == "failed"]
-    for name, code, log_path in diverged + sweep.failed:
-        print(f"[sweep] failed: {name} (exit code {code}); log: {log_path}", file=sys.stderr)
+        lock.acquire()
+    except CheckpointError as e:
+        die(e)
+    with lock:
+        try:
+            sweep.run()
+        except KeyboardInterrupt as e:
+            print(f"[sweep] {stop_reason(e)}: the running cells saved their last epoch; run the same command to "
+                  f"carry on", file=sys.stderr, flush=True)
+            return stop_code(e)
+    diverged = [(name, f"exit code {runner.EXIT_DIVERGED}", os.path.join(save_dir, "train.log"))
+                for name, save_dir, _ in grid if states[name] == "failed"]
+    for name, why, log_path in diverged + sweep.failed:
+        print(f"[sweep] failed: {name} ({why})" + (f"; log: {log_path}" if log_path else ""), file=sys.stderr)
     return 1 if diverged or sweep.failed else 0
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a scheduler ending the job): stops the sweep as Ctrl-C does."""
+
+
+def terminate(signum, frame):
+    raise Terminated
+
+
+def stop_reason(interrupt):
+    return "stopped (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted (Ctrl-C)"
+
+
+def stop_code(interrupt):
+    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else runner.EXIT_INTERRUPTED
+
+
 if __name__ == "__main__":
-    parsed, rest = get_args_parser().parse_known_args()
-    sys.exit(main(parsed, rest))
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        parsed, rest = get_args_parser().parse_known_args()
+        sys.exit(main(parsed, rest))
+    except KeyboardInterrupt as stopped:  # before any cell started
+        print(f"[sweep] {stop_reason(stopped)} before any cell started", file=sys.stderr)
+        sys.exit(stop_code(stopped))

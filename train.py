@@ -302,8 +302,8 @@ def train_jointly(model, initial, env, args, state):
 
 # ----------------------------------------------------------------------------- the pipeline
 
-def main(args):
-    """Check the flags, find what to resume, lock --save-dir, run the experiment; returns the results dict."""
+def check_flags(args):
+    """The checks of train.py's own flags (runner.check_common_args does the shared ones); dies with one line."""
     if not (0 < args.lr_head < math.inf and 0 <= args.lr_extractor < math.inf):  # NaN fails both
         die(f"--lr-head must be > 0 and --lr-extractor >= 0, got {args.lr_head:g} and {args.lr_extractor:g}")
     if args.lr_head_finetune is not None and not 0 < args.lr_head_finetune < math.inf:
@@ -311,6 +311,11 @@ def main(args):
     args.head_epochs = args.head_epochs or args.epochs
     if args.joint and args.freeze_extractor:
         die("--joint and --freeze-extractor exclude each other: a joint run trains the blocks from the start")
+
+
+def main(args):
+    """Check the flags, find what to resume, lock --save-dir, run the experiment; returns the results dict."""
+    check_flags(args)
     last, borrowed_best = find_last_checkpoint(args), None
     if last is None and args.from_phase_a:
         last, borrowed_best = phase_a_source(args)

@@ -210,8 +210,9 @@ class SaveDirLock:
     data is loaded.
     """
 
-    def __init__(self, save_dir):
+    def __init__(self, save_dir, flag="--save-dir", holder="run"):
         self.path, self.held = os.path.join(save_dir, ".lock"), False
+        self.flag, self.holder = flag, holder  # how messages name the folder and whoever else holds it
 
     def acquire(self):
         """Take the lock; CheckpointError (one line) when the folder is unusable or another run holds it."""
@@ -219,24 +220,24 @@ class SaveDirLock:
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
-            raise CheckpointError(f"--save-dir {folder} cannot be created ({e.strerror or e})") from None
+            raise CheckpointError(f"{self.flag} {folder} cannot be created ({e.strerror or e})") from None
         for _ in range(2):  # a second try after removing a stale lock
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
                 if holder:
-                    raise CheckpointError(f"--save-dir {folder} is in use by another run ({holder}); wait for it "
-                                          f"to finish or choose another --save-dir") from None
+                    raise CheckpointError(f"{self.flag} {folder} is in use by another {self.holder} ({holder}); wait "
+                                          f"for it to finish or choose another {self.flag}") from None
                 os.unlink(self.path)  # stale: its process is gone
                 continue
             except OSError as e:
-                raise CheckpointError(f"--save-dir {folder} is not writable ({e.strerror or e})") from None
+                raise CheckpointError(f"{self.flag} {folder} is not writable ({e.strerror or e})") from None
             with os.fdopen(fd, "w") as f:
                 f.write(f"{os.getpid()} {socket.gethostname()}\n")
             self.held = True
             return self
-        raise CheckpointError(f"--save-dir {folder}: could not take {self.path}")
+        raise CheckpointError(f"{self.flag} {folder}: could not take {self.path}")
 
     def _holder(self):
         """'pid N on HOST' of a live holder, or None for a stale lock."""

@@ -25,11 +25,14 @@ XI_0 = 3.0 * np.pi / 4.0
 SLANT_NUMERATOR = 4.0
 # The low-pass is isotropic (slant 1) and has no modulation (xi 0).
 PHI_SLANT = 1.0
+# The smallest grid with a nonzero wavelet: on 1 x 1, the Morlet wavelet minus its mean (psi) is identically 0.
+MIN_KERNEL_SIZE = 3
 
 
 def check_kernel_size(K):
-    if not isinstance(K, (int, np.integer)) or K < 1 or K % 2 == 0:
-        raise ValueError(f"kernel size K must be a positive odd integer (the grid is centred on 0), got {K!r}")
+    if not isinstance(K, (int, np.integer)) or K < MIN_KERNEL_SIZE or K % 2 == 0:
+        raise ValueError(f"kernel size K must be an odd integer >= {MIN_KERNEL_SIZE} (the grid is centred on 0; a 1 x 1 "
+                         f"wavelet is zero once its mean is removed), got {K!r}")
 
 
 def check_orientations(L):

@@ -163,10 +163,20 @@ def test_hostile_results_folders(real_run, tmp_path, capsys):
     no_curves = write_variant(tmp_path, "no_curves", real, 500, 80.0, 82.0, 0.2)
     del no_curves["curves"]
     (tmp_path / "no_curves" / "results_20260101-000000.json").write_text(json.dumps(no_curves))
+    nan = write_variant(tmp_path, "nan", real, 600, 80.0, float("nan"), 0.2)  # json writes NaN, and reads it back
+    (tmp_path / "nan" / "results_20260101-000000.json").write_text(json.dumps(nan))
+    no_dataset = write_variant(tmp_path, "no_dataset", real, 700, 80.0, 82.0, 0.2)
+    no_dataset["config"]["dataset"] = None
+    (tmp_path / "no_dataset" / "results_20260101-000000.json").write_text(json.dumps(no_dataset))
     code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--curves")
     assert code == 0
-    assert err.strip() == (f"warning: skipping {tmp_path}/strings/results_20260101-000000.json: missing "
-                           f"results.head_acc as a number")
+    assert err.strip().splitlines() == [
+        f"warning: skipping {tmp_path}/nan/results_20260101-000000.json: missing results.finetune_acc as a finite number, "
+        f"results.finetune_gain as a finite number",
+        f"warning: skipping {tmp_path}/no_dataset/results_20260101-000000.json: missing config.dataset",
+        f"warning: skipping {tmp_path}/strings/results_20260101-000000.json: missing results.head_acc as a finite number"]
+    assert list(pd.read_csv(tmp_path / "plots" / "runs.csv").train_size) == [500]  # in no table, as in none
+    assert list(pd.read_csv(tmp_path / "plots" / "summary.csv").n) == [1]
     assert is_png(tmp_path / "plots" / "curves" / "curves_exp1.png")
 
 

@@ -242,7 +242,8 @@ def test_batch_shape_independence():
 @pytest.mark.parametrize("kwargs,message", [
     ({"modulus_type": "abs"}, "modulus_type must be one of ('complex_modulus', 'phase_relu'), got 'abs'"),
     ({"padding_mode": "mirror"}, "padding_mode must be one of ('zeros', 'reflect', 'replicate', 'circular'), got 'mirror'"),
-    ({"kernel_size": 4}, "kernel size K must be a positive odd integer (the grid is centred on 0), got 4"),
+    ({"kernel_size": 4}, "kernel size K must be an odd integer >= 3 (the grid is centred on 0; a 1 x 1 wavelet is zero "
+                          "once its mean is removed), got 4"),
     ({"L": 0}, "number of orientations L must be an integer >= 1, got 0"),
     ({"max_order": 0}, "max_order must be a positive integer or None, got 0"),
     ({"max_order": 2, "in_orders": (1, 1)}, "in_orders must count the 3 input channels by order (with max_order), "

@@ -2,7 +2,9 @@
 import glob
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,14 +24,14 @@ def test_axes_shared_flags_and_random_init_goes_joint():
     assert axes == {"--train-size": ["0.01", "0.05"], "--init": ["wavelet", "random"]}
     assert shared == ["--epochs", "3", "--amp"]
     grid = sweep.cells(axes, shared, None)
-    assert [name for name, _ in grid] == ["arm=wavelet-two-phase__train-size=0.01", "arm=wavelet-two-phase__train-size=0.05",
+    assert [name for name, _, _ in grid] == ["arm=wavelet-two-phase__train-size=0.01", "arm=wavelet-two-phase__train-size=0.05",
                                           "arm=random-joint__train-size=0.01", "arm=random-joint__train-size=0.05"]
-    assert grid[2][1] == ["--epochs", "3", "--amp", "--init", "random", "--joint", "--train-size", "0.01"]
+    assert grid[2][1:] == (["--init", "random", "--joint", "--epochs", "3", "--amp", "--train-size", "0.01"], "random-joint")
     assert "--joint" not in grid[0][1]
 
 
 def test_arms_and_explicit_joint_axis():
-    _, argv = sweep.cells({}, ["--init", "random"], None)[0]
+    _, argv, _ = sweep.cells({}, ["--init", "random"], None)[0]
     assert argv == ["--init", "random", "--joint"]  # random init's protocol when the grid says nothing
     grid = sweep.cells({"--joint": ["x"]}, [], ["wavelet-frozen"])
     assert grid[0][1] == ["--init", "wavelet", "--freeze-extractor", "--joint", "x"]
@@ -96,8 +98,12 @@ def test_print_commands_for_a_scheduler(tmp_path):
                      "--print-commands")
     lines = proc.stdout.splitlines()
     assert proc.returncode == 0 and len(lines) == 4
-    assert lines[3].endswith(f"train.py --dataset synthetic --init random --joint --seed 1 --save-dir "
+    assert lines[3].endswith(f"train.py --init random --joint --dataset synthetic --seed 1 --save-dir "
                              f"{tmp_path}/arm=random-joint__seed=1")
+    spaced = run_sweep(tmp_path / "my runs", "--seed", "0", "--dataset", "synthetic", "--data-dir", "/tmp/my data",
+                       "--print-commands")
+    argv = shlex.split(spaced.stdout)  # runnable as printed: the shell splits it back into the same words
+    assert argv[-4:] == ["--data-dir", "/tmp/my data", "--save-dir", f"{tmp_path}/my runs/seed=0"]
 
 
 def test_extending_a_grid_reruns_nothing_whatever_the_earlier_command_looked_like(tmp_path):
@@ -129,3 +135,71 @@ def test_a_changed_shared_flag_is_never_counted_as_done(tmp_path, capsys):
     assert e.value.code == 2 and capsys.readouterr().err.strip() == (
         f"error: --out {tmp_path}: {tmp_path}/train-size=200__seed=0 holds a run of other settings (--head-epochs 1 "
         f"(now 2)): a changed shared flag is a new grid; choose another --out")
+
+
+BAD_GRIDS = [
+    (["--seed", "0,0"], "error: sweep.py: cell seed=0 is in the grid twice (a value repeated on an axis)"),
+    (["--seed", "0,00"], "error: sweep.py: cells seed=0 and seed=00 are the same run"),
+    (["--seed", "0,x"], "error: sweep.py: cell seed=x: argument --seed: invalid int value: 'x'"),
+    (["--seed", ",0"], "error: sweep.py: cell seed=,0: argument --seed: invalid int value: ',0'"),
+    (["--seed", "0,-1"], "error: sweep.py: cell seed=-1: --seed must be >= 0, got -1"),
+    (["--kernel-size", "7,1"], "error: sweep.py: cell kernel-size=1: kernel size K must be an odd integer >= 3 (the grid "
+                               "is centred on 0; a 1 x 1 wavelet is zero once its mean is removed), got 1"),
+    (["--arm", "wavelet-two-phase,random-joint", "--init", "random"],
+     "error: sweep.py: cell arm=wavelet-two-phase: its flags (--init wavelet --dataset synthetic --init random) make a "
+     "random-two-phase run; leave --init, --joint and --freeze-extractor to --arm"),
+    (["--init", "wavelet,random", "--joint"],
+     "error: sweep.py: cell arm=wavelet-two-phase: its flags (--init wavelet --dataset synthetic --joint) make a "
+     "wavelet-joint run; leave --init, --joint and --freeze-extractor to --arm"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_GRIDS)
+def test_every_cell_is_checked_before_any_runs(argv, message, tmp_path, capsys):
+    args, extra = sweep.get_args_parser().parse_known_args(["--out", str(tmp_path / "out"), "--dataset", "synthetic",
+                                                            *argv])
+    with pytest.raises(SystemExit) as e:
+        sweep.main(args, extra)
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == message
+    assert not (tmp_path / "out").exists()
+
+
+def test_unwritable_out_and_a_second_sweep_are_one_line(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    for out, message in [(tmp_path / "afile" / "sub", f"--out {tmp_path}/afile/sub cannot be created (Not a directory)"),
+                         (tmp_path, f"--out {tmp_path} is in use by another sweep (pid {os.getpid()}); wait for it to "
+                                    f"finish or choose another --out")]:
+        (tmp_path / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")  # a live sweep holds tmp_path
+        args, extra = sweep.get_args_parser().parse_known_args(["--out", str(out), *TINY])
+        with pytest.raises(SystemExit) as e:
+            sweep.main(args, extra)
+        assert e.value.code == 2 and capsys.readouterr().err.strip() == f"error: {message}"
+
+
+@pytest.mark.parametrize("results", [None, 5, "done"])
+def test_a_results_json_without_results_is_not_done(results, tmp_path, capsys):
+    (tmp_path / "results_20260101-000000.json").write_text(json.dumps({"config": {}, "results": results}))
+    assert sweep.state_of(str(tmp_path)) == "new"
+    assert capsys.readouterr().err.strip() == (f"warning: {tmp_path}/results_20260101-000000.json holds no readable "
+                                               f"results; its cell is not counted as done")
+
+
+def test_a_cell_whose_folder_cannot_be_made_fails_alone(tmp_path):
+    (tmp_path / "train-size=200__seed=0").write_text("a file where the cell's folder goes")
+    proc = run_sweep(tmp_path, *TINY, "--train-size", "200,300", "--epochs", "1", "--head-epochs", "1")
+    assert proc.returncode == 1 and "[sweep] done 1 / running 0 / failed 1 / left 0" in proc.stdout
+    assert proc.stderr.strip() == (f"[sweep] failed: train-size=200__seed=0 (File exists writing "
+                                   f"{tmp_path}/train-size=200__seed=0)")
+
+
+def test_sigterm_stops_the_running_cells_too(tmp_path):
+    proc = subprocess.Popen([sys.executable, "sweep.py", "--out", str(tmp_path), *TINY, "--epochs", "50"], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cell = tmp_path / "seed=0"
+    while not (cell / "phase_a" / "last.pth").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    proc.terminate()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "[sweep] stopped (SIGTERM): the running cells saved their last epoch" in err
+    assert sweep.state_of(str(cell)) == "interrupted"
+    assert not (cell / ".lock").exists() and not (tmp_path / ".lock").exists()  # nothing left running or holding it

@@ -290,7 +290,10 @@ def fingerprint(folder):
     (["--padding-mode", "reflect", "--n-blocks", "5", "--L", "2"],
      "error: padding_mode='reflect' needs every block's input larger than kernel_size // 2 = 3, but the last block "
      "gets 2x2"),
-    (["--kernel-size", "4"], "error: kernel size K must be a positive odd integer (the grid is centred on 0), got 4"),
+    (["--kernel-size", "4"], "error: kernel size K must be an odd integer >= 3 (the grid is centred on 0; a 1 x 1 wavelet "
+                              "is zero once its mean is removed), got 4"),
+    (["--kernel-size", "1"], "error: kernel size K must be an odd integer >= 3 (the grid is centred on 0; a 1 x 1 wavelet "
+                              "is zero once its mean is removed), got 1"),
     (["--lr-head", "0"], "error: --lr-head must be > 0 and --lr-extractor >= 0, got 0 and 0.001"),
     (["--seed", "-1"], "error: --seed must be >= 0, got -1"),
     pytest.param(["--device", "cuda"], "error: --device cuda: CUDA is not available on this machine",

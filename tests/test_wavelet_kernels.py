@@ -74,9 +74,9 @@ def test_gabor_normalisation_is_kymatios():
     assert envelope.sum().real == pytest.approx(1.0, abs=1e-6)
 
 
-@pytest.mark.parametrize("K", [0, -3, 4, 6, 2.5])
+@pytest.mark.parametrize("K", [0, 1, -3, 4, 6, 2.5])
 def test_bad_kernel_size(K):
-    with pytest.raises(ValueError, match=f"kernel size K must be a positive odd integer .*got {K!r}"):
+    with pytest.raises(ValueError, match=fr"kernel size K must be an odd integer >= 3 \(.*\), got {K!r}"):
         wk.filter_bank(8, K)
 
 
