@@ -33,6 +33,10 @@ IN_MEMORY = ("cifar10", "cifar100", "fashion-mnist", "mnist", "synthetic", "fold
 FOLDER_MEMORY_SHARE = 0.25
 # Mean and std of a folder too big for memory are estimated from this many training images.
 FOLDER_STATS_SAMPLE = 2000
+# A class folder dataset needs two classes at least: with one, every prediction is right.
+MIN_CLASSES = 2
+# 16-bit to 8-bit grey: 65535 / 255 = 257, so 0 -> 0 and 65535 -> 255 (the inverse of 8-bit v -> v * 257).
+SIXTEEN_TO_EIGHT_BITS = 257
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 SYNTHETIC_SIZES = {"train": 4000, "test": 1000}
@@ -325,9 +329,12 @@ def folder_classes(name, data_dir):
         if not os.path.isdir(root):
             raise DatasetError(f"{name}: no folder {root}; --data-dir must contain train/ and val/, one sub-folder "
                                f"per class")
-        classes[split] = sorted(e.name for e in os.scandir(root) if e.is_dir())
+        classes[split] = sorted(e.name for e in os.scandir(root) if is_folder(e))
         if not classes[split]:
             raise DatasetError(f"{name}: {root} has no class sub-folders")
+        if len(classes[split]) < MIN_CLASSES:
+            raise DatasetError(f"{name}: {root} has one class sub-folder ({classes[split][0]}): a classifier needs at "
+                               f"least {MIN_CLASSES} classes (with one, every answer is right)")
     only_train, only_val = sorted(set(classes["train"]) - set(classes["val"])), sorted(set(classes["val"]) - set(classes["train"]))
     if only_train or only_val:
         raise DatasetError(f"{name}: train/ and val/ must have the same classes (labels would shift): "
@@ -335,11 +342,23 @@ def folder_classes(name, data_dir):
     return classes["train"]
 
 
+def is_folder(entry):
+    """Whether an os.scandir entry is a folder (following links); DatasetError naming a link that loops."""
+    try:
+        return entry.is_dir()
+    except OSError as e:
+        raise DatasetError(f"cannot read {entry.path} ({e.strerror or e})") from None
+
+
 def folder_images(root, classes):
     """[(path, label)] of every image file under root/<class>/, sorted; DatasetError for an empty class."""
     samples = []
     for label, c in enumerate(classes):
-        files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTENSIONS))
+        try:
+            names = os.listdir(os.path.join(root, c))
+        except OSError as e:
+            raise DatasetError(f"cannot read class folder {os.path.join(root, c)} ({e.strerror or e})") from None
+        files = sorted(f for f in names if f.lower().endswith(IMAGE_EXTENSIONS))
         if not files:
             raise DatasetError(f"class folder {os.path.join(root, c)} has no images ({', '.join(IMAGE_EXTENSIONS)})")
         samples += [(os.path.join(root, c, f), label) for f in files]
@@ -347,10 +366,17 @@ def folder_images(root, classes):
 
 
 def open_image(path, mode):
-    """A PIL image in ``mode``; DatasetError naming the file when it cannot be decoded."""
+    """A PIL image in ``mode``; DatasetError naming the file when it cannot be decoded.
+
+    A 16-bit grey image (PIL's I;16 modes, or I as Pillow opens 16-bit PNGs) is scaled to 8 bits,
+    v -> round(v / 257) (65535 -> 255), not clipped as PIL's own conversion does.
+    """
     from PIL import Image
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I"):
+                wide = np.asarray(img, dtype=np.float64)
+                img = Image.fromarray(np.clip(np.rint(wide / SIXTEEN_TO_EIGHT_BITS), 0, 255).astype(np.uint8), "L")
             return img.convert(mode)
     except (OSError, ValueError, SyntaxError) as e:
         raise DatasetError(f"cannot read image {path} ({type(e).__name__}: {e})") from None

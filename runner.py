@@ -16,6 +16,7 @@ import gc
 import math
 import os
 import random
+import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -29,9 +30,10 @@ import torch.nn as nn
 import data
 from engine import EarlyStopping, NonFiniteLoss, evaluate, train_one_epoch
 from scattering_net import TRAINING_BYTES_PER_PARAM, ModelConfig, ScatteringNet, count_parameters, describe_plan
-from utils import (CheckpointError, SaveDirLock, barrier, broadcast_object, cleanup_distributed, device_memory_bytes, die,
-                   distributed_env, init_distributed, is_main_process, keep_freed_memory, load_checkpoint, main_print,
-                   now_iso, provenance, save_checkpoint, seed_everything, write_json)
+from utils import (DIST_TIMEOUT_S, CheckpointError, SaveDirLock, WriteError, barrier, broadcast_object,
+                   cleanup_distributed, device_memory_bytes, die, distributed_env, init_distributed, is_main_process,
+                   keep_freed_memory, load_checkpoint, main_print, now_iso, provenance, save_checkpoint,
+                   seed_everything, write_json)
 
 PHASES = ("phase_a", "phase_b")
 TRAINING_DEVICES = ("cpu", "cuda", "mps")
@@ -53,7 +55,7 @@ LEGACY_CURVE_KEYS = {"val_loss": "test_loss", "val_acc": "test_acc", "val_top5":
 # Config keys that say how or where a run was executed, not what it computed: left out when runs are compared
 # (analyze.py pairs and groups runs that differ only in these; sweep.py finds a cell's run in any folder).
 # RUNTIME_FLAGS may change on --resume; RUN_KEYS adds where the run and its data lie, and its seed.
-RUNTIME_FLAGS = ("resume", "print_freq", "workers", "device", "threads", "compile", "trust_checkpoint")
+RUNTIME_FLAGS = ("resume", "print_freq", "workers", "device", "threads", "compile", "trust_checkpoint", "dist_timeout")
 RUN_KEYS = (*RUNTIME_FLAGS, "seed", "save_dir", "data_dir", "fast_path", "from_phase_a")
 # A warm-up as long as its phase never reaches the cosine: it is clamped to this share of the phase.
 WARMUP_MAX_SHARE = 1 / 3
@@ -103,6 +105,9 @@ def add_runtime_args(parser):
     group.add_argument("--threads", type=int, default=None, help="CPU threads for torch; default: torch's choice")
     group.add_argument("--seed", type=int, default=None, help="random seed; default: drawn at random and recorded")
     group.add_argument("--save-dir", default="runs", help="checkpoints and JSON results")
+    group.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S,
+                       help="under torchrun: seconds the processes wait for each other, at start-up and at each "
+                            "collective, before the run stops with an error")
     group.add_argument("--print-freq", type=int, default=50, help="progress line every N batches (0: off)")
 
 
@@ -121,6 +126,8 @@ def check_common_args(args, batch_size, world_size):
         die(f"--seed must be >= 0, got {args.seed}")
     if args.threads is not None and args.threads < 1:
         die(f"--threads must be >= 1, got {args.threads}")
+    if not 0 < args.dist_timeout < math.inf:
+        die(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout}")
     for flag, value in (("--weight-decay", args.weight_decay), ("--l2-sp", getattr(args, "l2_sp", 0.0)),
                         ("--warmup-epochs", getattr(args, "warmup_epochs", 0.0))):
         if not value >= 0 or value == float("inf"):  # NaN fails every comparison
@@ -218,7 +225,7 @@ def setup(args, batch_size, lock_save_dir=True):
 def start(args, batch_size, device, rank, world_size):
     """Start the process group, seed, load the data."""
     try:
-        init_distributed(device.type)
+        init_distributed(device.type, args.dist_timeout)
     except ValueError as e:
         die(e)
     if device.type == "cpu":
@@ -455,11 +462,14 @@ def load_run_state(args, seed, last, defaults):
     if last is None:
         args.seed = seed
         return RunState(vars(args), new_json_path(args.save_dir), {p: [] for p in phases}, start_phase=phases[0])
-    check_same_flags(last["config"], args, "--resume: these flags differ from the interrupted run", defaults)
+    # --save-dir is where the run is now: the same folder written otherwise (run/, ./run) or a moved one
+    check_same_flags(last["config"], args, "--resume: these flags differ from the interrupted run", defaults,
+                     ("save_dir",))
     args.seed = last["config"]["seed"]
     start = phases[phases.index(last["phase"]) + 1] if last["finished"] and last["phase"] != phases[-1] \
         else last["phase"]
-    return RunState(vars(args), last["json_path"], legacy_curves(last["config"], last["curves_all"]),
+    json_path = last["json_path"] and os.path.join(args.save_dir, os.path.basename(last["json_path"]))
+    return RunState(vars(args), json_path, legacy_curves(last["config"], last["curves_all"]),
                     last["results"], start, last, list(last.get("provenance") or []),
                     legacy="select" not in last["config"])
 
@@ -624,11 +634,19 @@ def selected_row(curves, selected_epoch):
 
 
 def run_script(main_function, args, resume_hint=True):
-    """A script's entry point: main_function(args), then leave together; Ctrl-C ends with one line, exit 130."""
+    """A script's entry point: main_function(args), then leave together; Ctrl-C ends with one line, exit 130.
+
+    A write the disk refuses (full, or past a file-size limit: SIGXFSZ is ignored so that such a write
+    fails instead of killing the process) ends with one line, exit 2; the files written before stay.
+    """
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         main_function(args)
         gc.collect()  # DDP wrappers sit in reference cycles: free them while the process group is still up
         barrier()  # leave together: a Gloo rank torn down while its peer still finishes can abort
+    except WriteError as e:
+        die(e)
     except KeyboardInterrupt:
         hint = ("the last completed epoch is saved: run the same command with --resume to continue" if resume_hint
                 else "nothing after the last completed epoch was saved")

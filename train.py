@@ -27,7 +27,7 @@ from runner import (JOINT, LAST_KEYS, add_data_args, add_runtime_args, adamw, bu
                     phase_warmup, read_checkpoint, run_phase, run_script, selected_row, setup)
 import runner
 from scattering_net import ModelConfig, add_model_args
-from utils import barrier, die, is_main_process, main_print, replicas_agree, save_checkpoint
+from utils import SaveDirLock, barrier, die, is_main_process, main_print, replicas_agree, save_checkpoint
 
 EXTRACTOR_LR_SCALES = ("fixed", "rms")
 # Phase B's defaults, chosen by the ablation in docs/EXPERIMENTS.md ("Phase B without the
@@ -136,6 +136,10 @@ def phase_a_source(args):
     if missing or last["phase"] != "phase_a":
         die(f"--from-phase-a: {paths['last.pth']} is not a Phase A last.pth written by train.py")
     if not last["finished"]:
+        running = SaveDirLock(source).holder_now()
+        if running:
+            die(f"--from-phase-a: the Phase A in {source} is still running ({running}), at epoch {last['epoch']} of "
+                f"{last['config']['head_epochs']}: wait for it to finish")
         die(f"--from-phase-a: the Phase A in {source} stopped after epoch {last['epoch']} of "
             f"{last['config']['head_epochs']}: finish it first (its command with --resume)")
     return last, read_checkpoint(paths["best.pth"], args)

@@ -27,6 +27,9 @@ import torch.distributed as dist
 GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3
 GLIBC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20
 KEEP_FREED_BYTES = 2 ** 30  # freed memory kept for reuse before glibc returns it to the system
+# How long DDP processes wait for each other (start-up and each collective) before giving up: torch's
+# NCCL default (10 min), not Gloo's 30 min, so that a missing rank is reported the same on CPU and GPU.
+DIST_TIMEOUT_S = 600.0
 
 
 def die(message):
@@ -119,11 +122,26 @@ def provenance(device, world_size):
 
 # ----------------------------------------------------------------------------- atomic files
 
+# How torch.save's writer words a write the file system refused (it raises RuntimeError, errno lost).
+TORCH_WRITE_FAILURES = ("inline_container.cc", "file write failed", "failed writing")
+
+
+class WriteError(Exception):
+    """A file could not be written (disk full, file-size limit, permissions); the message names it. The file
+    it was to replace, if any, is untouched."""
+
+
 def _atomic_write(path, write):
-    """Write through a temporary file in the same folder, then rename: a reader never sees half a file."""
+    """Write through a temporary file in the same folder, then rename: a reader never sees half a file.
+
+    WriteError (one line) when the disk is full or the write fails otherwise; the earlier file stays.
+    """
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    except OSError as e:
+        raise WriteError(f"cannot write {path} ({e.strerror or e})") from None
     try:
         os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600; give the file open()'s usual mode
         with os.fdopen(fd, "wb") as f:
@@ -131,8 +149,13 @@ def _atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        torch_write = isinstance(e, RuntimeError) and any(m in str(e) for m in TORCH_WRITE_FAILURES)
+        if isinstance(e, OSError) or torch_write:
+            why = e.strerror if isinstance(e, OSError) and e.strerror else "the write failed"
+            raise WriteError(f"disk full or write refused writing {path} ({why}); the files written before it "
+                             f"are kept") from None
         raise
 
 
@@ -211,12 +234,13 @@ class SaveDirLock:
     """
 
     def __init__(self, save_dir, flag="--save-dir", holder="run"):
-        self.path, self.held = os.path.join(save_dir, ".lock"), False
+        self.path, self.held, self.created = os.path.join(save_dir, ".lock"), False, False
         self.flag, self.holder = flag, holder  # how messages name the folder and whoever else holds it
 
     def acquire(self):
         """Take the lock; CheckpointError (one line) when the folder is unusable or another run holds it."""
         folder = os.path.dirname(self.path)
+        self.created = not os.path.isdir(folder)
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
@@ -225,7 +249,7 @@ class SaveDirLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                holder = self._holder()
+                holder = self.holder_now()
                 if holder:
                     raise CheckpointError(f"{self.flag} {folder} is in use by another {self.holder} ({holder}); wait "
                                           f"for it to finish or choose another {self.flag}") from None
@@ -239,7 +263,7 @@ class SaveDirLock:
             return self
         raise CheckpointError(f"{self.flag} {folder}: could not take {self.path}")
 
-    def _holder(self):
+    def holder_now(self):
         """'pid N on HOST' of a live holder, or None for a stale lock."""
         try:
             pid, host = open(self.path).read().split()
@@ -263,10 +287,13 @@ class SaveDirLock:
         self.release()
 
     def release(self):
+        """Remove the lock, and the folder too when acquire created it and nothing else was written there."""
         if self.held:
             self.held = False
             try:
                 os.unlink(self.path)
+                if self.created and not os.listdir(os.path.dirname(self.path)):
+                    os.rmdir(os.path.dirname(self.path))  # a run that stopped before writing leaves no trace
             except FileNotFoundError:
                 pass
 
@@ -292,9 +319,11 @@ def distributed_env():
     return rank, world_size, local_rank
 
 
-def init_distributed(device_type):
+def init_distributed(device_type, timeout_s=DIST_TIMEOUT_S):
     """Start the process group when torchrun set RANK/WORLD_SIZE: NCCL on CUDA, Gloo on CPU.
 
+    timeout_s bounds the wait for every process at start-up and at each collective
+    afterwards; ValueError (one line) when they do not all arrive in time.
     Returns (rank, world_size, local_rank); with a single process nothing is started.
     """
     rank, world_size, local_rank = distributed_env()
@@ -305,7 +334,17 @@ def init_distributed(device_type):
     if world_size > 1 and not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world_size)
+        where = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+        if rank == 0:
+            print(f"[ddp] waiting up to {timeout_s:g} s for all {world_size} processes at {where} (--dist-timeout)",
+                  flush=True)
+        try:
+            dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, ValueError) as e:  # torch's DistStoreError is a RuntimeError
+            raise ValueError(f"rank {rank}: the {world_size} processes did not all meet at {where} within "
+                             f"{timeout_s:g} s ({' '.join(str(e).split())[:200]}); start multi-process runs with "
+                             f"torchrun, which starts every rank") from None
     return rank, world_size, local_rank
 
 

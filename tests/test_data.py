@@ -442,3 +442,26 @@ def test_the_cifar10_sample_refuses_what_it_cannot_build(tmp_path, capsys):
     with pytest.raises(data.DatasetError, match="may hold NumPy arrays only, not posix.system"):
         data.read_cifar_batch(tmp_path / "data_batch_1")
     assert not (tmp_path / "new").exists() and not (tmp_path / "new.partial").exists()
+
+
+def test_a_16_bit_image_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+    make_folder(tmp_path, mode="L")
+    wide = np.arange(144, dtype=np.uint16).reshape(12, 12) * 455  # 0 .. 65065, the whole 16-bit range
+    Image.fromarray(wide).save(tmp_path / "train" / "cat" / "0.png")
+    assert Image.open(tmp_path / "train" / "cat" / "0.png").mode.startswith("I")  # as Pillow opens 16-bit PNGs
+    (x, _), _, _ = data.load_dataset("folder", str(tmp_path))
+    assert torch.equal(x[0, 0], torch.from_numpy(np.rint(wide / 257).astype(np.uint8)))  # PIL's convert would clip
+    assert (x[0, 0] == 255).float().mean() < 0.01
+
+
+def test_a_looping_link_and_a_single_class_are_one_line(tmp_path):
+    make_folder(tmp_path, classes=("cat",))
+    with pytest.raises(data.DatasetError) as e:
+        data.dataset_info("folder", str(tmp_path))
+    assert str(e.value) == (f"folder: {tmp_path}/train has one class sub-folder (cat): a classifier needs at least 2 "
+                            f"classes (with one, every answer is right)")
+    os.symlink("loop", tmp_path / "train" / "loop")  # a link to itself
+    with pytest.raises(data.DatasetError) as e:
+        data.dataset_info("folder", str(tmp_path))
+    assert str(e.value) == f"cannot read {tmp_path}/train/loop (Too many levels of symbolic links)"

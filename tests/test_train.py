@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -236,6 +237,12 @@ def unfinished_phase_a(finished_run, folder):
     return folder
 
 
+def held_by_this_process(folder):
+    """The folder as a run in progress leaves it: its .lock names a live process (this one)."""
+    (folder / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    return folder
+
+
 @pytest.mark.parametrize("make_source,flags,message", [
     (lambda run, folder: run[0], ["--lr-head", "0.01"],
      "error: --from-phase-a: these flags differ from the run in {source}: --lr-head 0.001 (now 0.01)"),
@@ -248,13 +255,16 @@ def unfinished_phase_a(finished_run, folder):
     (unfinished_phase_a, [],
      "error: --from-phase-a: the Phase A in {source} stopped after epoch 2 of 3: finish it first (its command with "
      "--resume)"),
+    (lambda run, folder: held_by_this_process(unfinished_phase_a(run, folder)), [],
+     "error: --from-phase-a: the Phase A in {source} is still running (pid {pid}), at epoch 2 of 3: wait for it to "
+     "finish"),
 ])
 def test_from_phase_a_refuses_what_it_cannot_continue(finished_run, tmp_path, capsys, make_source, flags, message):
     source = str(make_source(finished_run, tmp_path / "source"))
     save_dir = tmp_path / "new"
     args = SMALL_WITHOUT_SEED if "--seed" in flags else SMALL
     assert exit_2_message(capsys, *args, *flags, "--save-dir", str(save_dir), "--from-phase-a", source) == \
-        [message.format(source=source)]
+        [message.format(source=source, pid=os.getpid())]
     assert not save_dir.exists() or not any(save_dir.iterdir())  # no checkpoint written
 
 
@@ -567,7 +577,7 @@ def test_malformed_torchrun_environment_is_one_line(tmp_path, capsys, monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     (line,) = exit_2_message(capsys, *SMALL, "--save-dir", str(tmp_path / "run"))
-    assert line.startswith("error: WORLD_SIZE=2 but MASTER_ADDR") and not os.listdir(tmp_path / "run")
+    assert line.startswith("error: WORLD_SIZE=2 but MASTER_ADDR") and not (tmp_path / "run").exists()
 
 
 def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path):
@@ -767,3 +777,62 @@ def test_batch_size_spellings_are_one_flag():
     import quick_check
     assert train.get_args_parser().parse_args(["--batch-size", "64"]).global_batch_size == 64
     assert quick_check.get_args_parser().parse_args(["--global-batch-size", "64"]).batch_size == 64
+
+
+def test_a_moved_run_resumes_and_so_does_its_folder_written_otherwise(finished_run, tmp_path):
+    save_dir, _ = finished_run
+    kill_when([*SMALL, "--save-dir", str(tmp_path / "here")], tmp_path / "here" / "phase_b" / "last.pth")
+    os.rename(tmp_path / "here", tmp_path / "there")
+    resumed = run_train(*SMALL, "--save-dir", f"{tmp_path}/there/", "--resume")  # moved, and a trailing slash
+    assert resumed.returncode == 0, resumed.stderr
+    (path,) = glob.glob(str(tmp_path / "there" / "results_*.json"))  # written where the run is now
+    after, uninterrupted = json.load(open(path)), results_json(save_dir)
+    assert without_timing(after["curves"]) == without_timing(uninterrupted["curves"])
+
+
+def limit_file_size(n_bytes):
+    """preexec_fn: writes past n_bytes fail in the child, as on a full disk (ulimit -f)."""
+    import resource
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (n_bytes, n_bytes))
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_written(finished_run, tmp_path):
+    args = [*SMALL, "--save-dir", str(tmp_path)]
+    kill_when(args, tmp_path / "phase_b" / "last.pth")
+    checkpoints = lambda: {p: h for p, h in fingerprint(tmp_path).items() if p.endswith(".pth")}
+    temporary = lambda: glob.glob(str(tmp_path / "**" / ".tmp-*"), recursive=True)  # SIGKILL can leave one
+    before, left_by_the_kill = checkpoints(), temporary()
+    full = run_train(*args, "--resume", preexec_fn=limit_file_size(64 * 1024))  # checkpoints are larger
+    assert full.returncode == 2 and "Traceback" not in full.stderr
+    *warnings, line = full.stderr.strip().splitlines()  # (the warm-up clamp's warning before it)
+    assert all(w.startswith("warning: ") for w in warnings)
+    assert line == (f"error: disk full or write refused writing {tmp_path}/phase_b/best.pth (the write failed); the "
+                    f"files written before it are kept")
+    assert checkpoints() == before and temporary() == left_by_the_kill
+    again = run_train(*args, "--resume")  # space again: the run ends where the uninterrupted one did
+    assert again.returncode == 0, again.stderr
+    assert without_timing(results_json(str(tmp_path))["curves"]) == without_timing(results_json(finished_run[0])["curves"])
+
+
+def test_a_flag_error_found_after_loading_leaves_no_folder(tmp_path, capsys):
+    assert exit_2_message(capsys, *SMALL, "--train-size", "99999", "--save-dir", str(tmp_path / "run")) == [
+        "error: --train-size count must be between 1 and the dataset size 4000, got 99999"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_rank_is_reported_at_once_and_given_up_on_in_time(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port())}
+    proc = run_train(*SMALL, "--save-dir", str(tmp_path / "run"), "--dist-timeout", "2", env=env)
+    where = f"127.0.0.1:{env['MASTER_PORT']}"
+    assert proc.returncode == 2 and proc.stdout.startswith(
+        f"[ddp] waiting up to 2 s for all 2 processes at {where} (--dist-timeout)")
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: rank 0: the 2 processes did not all meet at {where} within 2 s (")
+    assert not (tmp_path / "run").exists()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,3 +1,4 @@
+import errno
 import json
 import os
 import socket
@@ -140,6 +141,7 @@ def test_json_has_no_nan_tokens(tmp_path):
 
 
 def test_save_dir_lock_refuses_a_second_run_and_recovers_a_stale_one(tmp_path):
+    os.makedirs(tmp_path / "run")
     first = utils.SaveDirLock(str(tmp_path / "run")).acquire()
     with pytest.raises(utils.CheckpointError) as e:
         utils.SaveDirLock(str(tmp_path / "run")).acquire()
@@ -151,6 +153,15 @@ def test_save_dir_lock_refuses_a_second_run_and_recovers_a_stale_one(tmp_path):
     with utils.SaveDirLock(str(tmp_path / "run")).acquire():
         assert (tmp_path / "run" / ".lock").read_text().split()[0] == str(os.getpid())
     assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_a_lock_removes_the_folder_it_made_when_nothing_was_written_there(tmp_path):
+    with utils.SaveDirLock(str(tmp_path / "a" / "run")).acquire():
+        pass
+    assert os.listdir(tmp_path / "a") == []  # its parent stays: only the folder of the run is the lock's
+    with utils.SaveDirLock(str(tmp_path / "b")).acquire():
+        (tmp_path / "b" / "results.json").write_text("{}")
+    assert os.listdir(tmp_path / "b") == ["results.json"]
 
 
 def test_save_dir_that_is_a_file(tmp_path):
@@ -179,3 +190,17 @@ def test_world_size_without_master_addr(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="WORLD_SIZE=2 but MASTER_ADDR"):
         utils.init_distributed("cpu")
+
+
+def test_a_refused_write_keeps_the_earlier_file_and_is_one_line(tmp_path):
+    path = tmp_path / "results.json"
+    utils.write_json(str(path), {"epoch": 1})
+
+    def full_disk(f):
+        f.write(b"{\"epo")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(utils.WriteError) as e:
+        utils._atomic_write(str(path), full_disk)
+    assert str(e.value) == (f"disk full or write refused writing {path} (No space left on device); the files written "
+                            f"before it are kept")
+    assert json.load(open(path)) == {"epoch": 1} and os.listdir(tmp_path) == ["results.json"]
