@@ -32,7 +32,7 @@ import runner
 import train
 import wavelet_kernels
 from scattering_net import ModelConfig, ScatteringNet
-from utils import CheckpointError, die, load_checkpoint
+from utils import CheckpointError, WriteError, atomic_write, die, let_writes_fail, load_checkpoint
 
 # How a run's blocks trained, the second half of its arm's name (train.arm_of): head then fine-tuning, head
 # then more head training with the blocks frozen (--freeze-extractor), one joint phase (--joint).
@@ -386,10 +386,13 @@ def plot_curves(plt, exp, number, path):
 
 
 def save(plt, fig, path):
+    """Write a figure atomically (an earlier figure of that name stays whole if the write fails)."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    if not plt.isinteractive():
-        plt.close(fig)
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, dpi=110, format=os.path.splitext(path)[1][1:]))
+    finally:
+        if not plt.isinteractive():
+            plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- learnt filters
@@ -495,12 +498,16 @@ def writable_plots_dir(results_dir):
 def main(args):
     if not os.path.isdir(args.results_dir):
         die(f"--results-dir {args.results_dir} is not a folder")
+    let_writes_fail()
     plt = pyplot(args.interactive)
-    if args.filters:
-        plots_dir = writable_plots_dir(args.results_dir)
-        report_filters(plt, args.filters, plots_dir, args.results_dir, args.trust_checkpoint)
-    else:
-        analyze_results(plt, args)
+    try:
+        if args.filters:
+            plots_dir = writable_plots_dir(args.results_dir)
+            report_filters(plt, args.filters, plots_dir, args.results_dir, args.trust_checkpoint)
+        else:
+            analyze_results(plt, args)
+    except WriteError as e:  # a full disk: the tables and figures written before stay whole
+        die(e)
     if args.interactive:
         plt.show()
 
@@ -535,16 +542,15 @@ def analyze_results(plt, args):
     names = ("summary.csv", "runs.csv", "significance.csv", "plot_size_vs_gain.png", "plot_delta_vs_gain.png",
              "plot_data_efficiency.png", "plot_advantage.png")
     saved = [os.path.join(plots_dir, name) for name in names]
-    groups.to_csv(saved[0], index=False)
-    table.drop(columns="base").to_csv(saved[1])
-    significance.to_csv(saved[2], index=False)
+    for path, frame, index in ((saved[0], groups, False), (saved[1], table.drop(columns="base"), True),
+                               (saved[2], significance, False)):
+        atomic_write(path, lambda f: f.write(frame.to_csv(index=index).encode()))
     fine_tuned = table[table.arm.map(training_of) == TWO_PHASE]  # the gain plots are about learning the filters
     plot_size_vs_gain(plt, fine_tuned, saved[3])
     r = plot_delta_vs_gain(plt, fine_tuned, saved[4])
     plot_data_efficiency(plt, table, saved[5])
     plot_advantage(plt, significance, saved[6])
     if args.curves:
-        os.makedirs(os.path.join(plots_dir, "curves"), exist_ok=True)
         by_path = dict(experiments)
         for number, path in table.path.items():
             saved.append(os.path.join(plots_dir, "curves", f"curves_exp{number}.png"))

@@ -16,7 +16,6 @@ import gc
 import math
 import os
 import random
-import signal
 import sys
 import time
 from contextlib import ExitStack
@@ -32,8 +31,8 @@ from engine import EarlyStopping, NonFiniteLoss, evaluate, train_one_epoch
 from scattering_net import TRAINING_BYTES_PER_PARAM, ModelConfig, ScatteringNet, count_parameters, describe_plan
 from utils import (DIST_TIMEOUT_S, CheckpointError, SaveDirLock, WriteError, barrier, broadcast_object,
                    cleanup_distributed, device_memory_bytes, die, distributed_env, init_distributed, is_main_process,
-                   keep_freed_memory, load_checkpoint, main_print, now_iso, provenance, save_checkpoint,
-                   seed_everything, write_json)
+                   keep_freed_memory, let_writes_fail, load_checkpoint, main_print, now_iso, provenance,
+                   save_checkpoint, seed_everything, write_json)
 
 PHASES = ("phase_a", "phase_b")
 TRAINING_DEVICES = ("cpu", "cuda", "mps")
@@ -227,7 +226,7 @@ def start(args, batch_size, device, rank, world_size):
     try:
         init_distributed(device.type, args.dist_timeout)
     except ValueError as e:
-        die(e)
+        die(e, every_rank=True)  # each rank says it: the one that is missing may be rank 0
     if device.type == "cpu":
         keep_freed_memory()
     if args.threads:
@@ -639,8 +638,7 @@ def run_script(main_function, args, resume_hint=True):
     A write the disk refuses (full, or past a file-size limit: SIGXFSZ is ignored so that such a write
     fails instead of killing the process) ends with one line, exit 2; the files written before stay.
     """
-    if hasattr(signal, "SIGXFSZ"):
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    let_writes_fail()
     try:
         main_function(args)
         gc.collect()  # DDP wrappers sit in reference cycles: free them while the process group is still up

@@ -343,8 +343,8 @@ def main(args, extra):
             print(f"{states[name]:<12} {name}" + (f" (its run is in {save_dir})" if elsewhere else ""))
         print(f"{sum(s == 'done' for s in states.values())} of {len(grid)} cells done")
         return 0
-    slots = parse_gpus(args.gpus) if args.gpus else [None] * args.jobs
-    threads = None if args.gpus else max(1, (os.cpu_count() or 1) // args.jobs)
+    slots = parse_gpus(args.gpus) if args.gpus is not None else [None] * args.jobs
+    threads = None if args.gpus is not None else max(1, (os.cpu_count() or 1) // args.jobs)
     todo = [(name, save_dir, states[name] == "interrupted", argv) for name, save_dir, argv in grid
             if states[name] in ("new", "interrupted")]
     print(f"[sweep] {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run on "

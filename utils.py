@@ -11,6 +11,7 @@ import pickle
 import platform
 import random
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -32,10 +33,11 @@ KEEP_FREED_BYTES = 2 ** 30  # freed memory kept for reuse before glibc returns i
 DIST_TIMEOUT_S = 600.0
 
 
-def die(message):
-    """End the program on bad input: one line on stderr (from rank 0 only), exit code 2, no traceback."""
+def die(message, every_rank=False):
+    """End the program on bad input: one line on stderr (from rank 0 only, unless every_rank), exit code 2, no
+    traceback. every_rank: for what each process finds on its own (a rank 0 that never started)."""
     rank = os.environ.get("RANK", "0")
-    if not rank.isdigit() or int(rank) == 0:  # a malformed RANK is reported by the one process there is
+    if every_rank or not rank.isdigit() or int(rank) == 0:  # a malformed RANK: the one process there is says it
         print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
@@ -131,7 +133,7 @@ class WriteError(Exception):
     it was to replace, if any, is untouched."""
 
 
-def _atomic_write(path, write):
+def atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename: a reader never sees half a file.
 
     WriteError (one line) when the disk is full or the write fails otherwise; the earlier file stays.
@@ -159,6 +161,13 @@ def _atomic_write(path, write):
         raise
 
 
+def let_writes_fail():
+    """Ignore SIGXFSZ, so that a write past a file-size limit (ulimit -f) fails with EFBIG, which atomic_write
+    reports as a WriteError (one line), instead of the signal killing the process mid-run."""
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def current_umask():
     mask = os.umask(0)
     os.umask(mask)
@@ -167,7 +176,7 @@ def current_umask():
 
 def save_checkpoint(path, checkpoint):
     """torch.save(checkpoint) atomically. The caller builds the dict (state_dict, best_val_acc, epoch, config, ...)."""
-    _atomic_write(path, lambda f: torch.save(checkpoint, f))
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 class CheckpointError(Exception):
@@ -220,7 +229,7 @@ def finite_or_none(obj):
 def write_json(path, obj):
     """Atomic, strict JSON (NaN and infinities written as null)."""
     text = json.dumps(finite_or_none(obj), indent=2, allow_nan=False)
-    _atomic_write(path, lambda f: f.write(text.encode()))
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------- save-dir lock
@@ -257,8 +266,13 @@ class SaveDirLock:
                 continue
             except OSError as e:
                 raise CheckpointError(f"{self.flag} {folder} is not writable ({e.strerror or e})") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()} {socket.gethostname()}\n")
+            except OSError as e:  # a full disk, or a file-size limit of 0
+                os.unlink(self.path)
+                self.remove_if_made_and_empty()
+                raise CheckpointError(f"{self.flag} {folder} is not writable ({e.strerror or e})") from None
             self.held = True
             return self
         raise CheckpointError(f"{self.flag} {folder}: could not take {self.path}")
@@ -292,10 +306,15 @@ class SaveDirLock:
             self.held = False
             try:
                 os.unlink(self.path)
-                if self.created and not os.listdir(os.path.dirname(self.path)):
-                    os.rmdir(os.path.dirname(self.path))  # a run that stopped before writing leaves no trace
             except FileNotFoundError:
                 pass
+            self.remove_if_made_and_empty()
+
+    def remove_if_made_and_empty(self):
+        """A run that stopped before writing anything leaves no folder behind (only one acquire made)."""
+        folder = os.path.dirname(self.path)
+        if self.created and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 # ----------------------------------------------------------------------------- distributed

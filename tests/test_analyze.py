@@ -319,3 +319,19 @@ def test_mixed_code_versions_are_said(real_run, tmp_path, capsys):
     code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path))
     assert code == 0 and "warning: 2 row(s) above combine runs of different code versions" in err
     assert pd.read_csv(tmp_path / "plots" / "significance.csv").commits.tolist()[0] == 2
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_earlier_tables(real_run, tmp_path):
+    import resource
+    import shutil
+    shutil.copytree(real_run[0] / "real", tmp_path / "real")
+    assert run_script("analyze.py", "--results-dir", str(tmp_path)).returncode == 0
+    before = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "plots" / "*"))}
+    full = subprocess.run([sys.executable, "analyze.py", "--results-dir", str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300,  # the PNGs are larger than the limit, the CSVs are not
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048)))
+    assert full.returncode == 2 and full.stderr.strip().splitlines()[-1] == (
+        f"error: disk full or write refused writing {tmp_path}/plots/plot_size_vs_gain.png (File too large); the files "
+        f"written before it are kept")
+    after = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "plots" / "*"))}
+    assert after == before  # the same tables rewritten whole, the figures left as they were

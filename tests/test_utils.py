@@ -200,7 +200,7 @@ def test_a_refused_write_keeps_the_earlier_file_and_is_one_line(tmp_path):
         f.write(b"{\"epo")
         raise OSError(errno.ENOSPC, "No space left on device")
     with pytest.raises(utils.WriteError) as e:
-        utils._atomic_write(str(path), full_disk)
+        utils.atomic_write(str(path), full_disk)
     assert str(e.value) == (f"disk full or write refused writing {path} (No space left on device); the files written "
                             f"before it are kept")
     assert json.load(open(path)) == {"epoch": 1} and os.listdir(tmp_path) == ["results.json"]
