@@ -15,9 +15,9 @@ DEMO_TRAIN := --dataset fashion-mnist --modulus-type phase_relu --head-epochs 5 
 
 .PHONY: setup test demo gpu-check fashion-mnist docs
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt requirements-optional.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-optional.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -13,6 +13,7 @@ imports train.py: the flag defaults a comparison needs are handed in.
 """
 import argparse
 import gc
+import importlib.util
 import math
 import os
 import random
@@ -54,8 +55,12 @@ LEGACY_CURVE_KEYS = {"val_loss": "test_loss", "val_acc": "test_acc", "val_top5":
 # Config keys that say how or where a run was executed, not what it computed: left out when runs are compared
 # (analyze.py pairs and groups runs that differ only in these; sweep.py finds a cell's run in any folder).
 # RUNTIME_FLAGS may change on --resume; RUN_KEYS adds where the run and its data lie, and its seed.
-RUNTIME_FLAGS = ("resume", "print_freq", "workers", "device", "threads", "compile", "trust_checkpoint", "dist_timeout")
+RUNTIME_FLAGS = ("resume", "print_freq", "workers", "device", "threads", "compile", "trust_checkpoint", "dist_timeout",
+                 "tensorboard")
 RUN_KEYS = (*RUNTIME_FLAGS, "seed", "save_dir", "data_dir", "fast_path", "from_phase_a")
+# --tensorboard: the event files' folder inside --save-dir, and how often block 0's filters are drawn (epochs).
+TENSORBOARD_DIR = "tensorboard"
+FILTER_IMAGE_EVERY = 5
 # A warm-up as long as its phase never reaches the cosine: it is clamped to this share of the phase.
 WARMUP_MAX_SHARE = 1 / 3
 # Exit code of a run stopped by a NaN or infinite loss (README.md, "Failures and recovery").
@@ -108,6 +113,9 @@ def add_runtime_args(parser):
                        help="under torchrun: seconds the processes wait for each other, at start-up and at each "
                             "collective, before the run stops with an error")
     group.add_argument("--print-freq", type=int, default=50, help="progress line every N batches (0: off)")
+    group.add_argument("--tensorboard", action="store_true",
+                       help=f"also write per-epoch curves, filter movement, block 0's filters and the config as "
+                            f"TensorBoard events into <save-dir>/{TENSORBOARD_DIR} (needs the tensorboard package)")
 
 
 def check_common_args(args, batch_size, world_size):
@@ -125,6 +133,8 @@ def check_common_args(args, batch_size, world_size):
         die(f"--seed must be >= 0, got {args.seed}")
     if args.threads is not None and args.threads < 1:
         die(f"--threads must be >= 1, got {args.threads}")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        die("--tensorboard needs the tensorboard package: pip install -r requirements-optional.txt")
     if not 0 < args.dist_timeout < math.inf:
         die(f"--dist-timeout must be a finite number of seconds > 0, got {args.dist_timeout}")
     for flag, value in (("--weight-decay", args.weight_decay), ("--l2-sp", getattr(args, "l2_sp", 0.0)),
@@ -192,6 +202,7 @@ class RunEnv:
     seed: int
     data: data.Loaders
     lock: SaveDirLock = None  # held by rank 0 when setup locked --save-dir: ``with env.lock:`` around the run
+    tensorboard: Optional["TensorBoardLog"] = None  # rank 0 under --tensorboard
 
 
 def setup(args, batch_size, lock_save_dir=True):
@@ -218,7 +229,39 @@ def setup(args, batch_size, lock_save_dir=True):
         env = start(args, batch_size, device, rank, world_size)
         on_error.pop_all()
     env.lock = lock
+    if args.tensorboard and rank == 0:
+        env.tensorboard = TensorBoardLog(args.save_dir, vars(args))
     return env
+
+
+class TensorBoardLog:
+    """--tensorboard: the run as TensorBoard events in <save-dir>/tensorboard (rank 0 only).
+
+    Per epoch, under "<phase>/": every number of the epoch's curves row (the same values as the
+    results JSON), each block's filter movement from its Morlet init (relative L2), and every
+    FILTER_IMAGE_EVERY epochs block 0's real wavelets as images; the config once, as text. A
+    resumed run appends to the same folder; steps are epochs.
+    """
+
+    def __init__(self, save_dir, config):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(os.path.join(save_dir, TENSORBOARD_DIR))
+        self.writer.add_text("config", "\n".join(f"    {k} = {v!r}" for k, v in sorted(config.items())))
+        self.writer.flush()
+
+    def epoch(self, phase, model, row):
+        step = row["epoch"]
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"{phase}/{key}", value, step)
+        for j, moved in enumerate(model.filter_movement()):
+            self.writer.add_scalar(f"{phase}/filter_movement_block{j}", moved["relative_l2"], step)
+        psi_real = model.blocks[0].filter_convs().get("psi_real")  # None: a low-pass-only block
+        if psi_real is not None and (step == 1 or step % FILTER_IMAGE_EVERY == 0):
+            psi = psi_real.weight.detach().float().cpu().flatten(0, 1).unsqueeze(1)  # (out, in/g, K, K) -> (n, 1, K, K)
+            low, high = psi.amin(dim=(1, 2, 3), keepdim=True), psi.amax(dim=(1, 2, 3), keepdim=True)
+            self.writer.add_images(f"{phase}/block0_psi_real", (psi - low) / (high - low).clamp_min(1e-12), step)
+        self.writer.flush()
 
 
 def start(args, batch_size, device, rank, world_size):
@@ -583,6 +626,8 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
                "seconds": train["seconds"] + test["seconds"] + (held_out["seconds"] if held_out else 0.0),
                "img_per_s": train["img_per_s"]}
         state.curves[phase].append(row)
+        if env.tensorboard:
+            env.tensorboard.epoch(phase, model, row)
         held_text = f"val acc {held_out['acc']:.2f}% | " if held_out else ""
         main_print(f"{phase} epoch {epoch}/{epochs}: train loss {train['loss']:.4f} acc {train['acc']:.2f}% | "
                    f"{held_text}test acc {test['acc']:.2f}% | selected epoch {stopper.best_epoch} ({args.select})"

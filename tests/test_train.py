@@ -839,3 +839,29 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_tensorboard_events_hold_the_json_curves(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    train_in_process(*SMALL, "--epochs", "2", "--save-dir", str(tmp_path), "--tensorboard")
+    events = EventAccumulator(str(tmp_path / runner.TENSORBOARD_DIR), size_guidance={"images": 0})
+    events.Reload()
+    curves = results_json(str(tmp_path))["curves"]
+    for phase, rows in curves.items():
+        for key in ("train_loss", "train_acc", "val_acc", "test_acc", "lr"):
+            logged = [(e.step, e.value) for e in events.Scalars(f"{phase}/{key}")]
+            assert logged == [(r["epoch"], pytest.approx(r[key], rel=1e-6)) for r in rows], (phase, key)
+    moved = [e.value for e in events.Scalars("phase_b/filter_movement_block0")]
+    frozen = [e.value for e in events.Scalars("phase_a/filter_movement_block0")]
+    assert len(moved) == 2 and moved[-1] > 0 and frozen == pytest.approx([0, 0], abs=1e-6)  # frozen in Phase A
+    assert [e.step for e in events.Images("phase_b/block0_psi_real")] == [1]
+    assert "    seed = 0" in events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+
+
+def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+    real_find_spec = runner.importlib.util.find_spec
+    monkeypatch.setattr(runner.importlib.util, "find_spec", lambda name: None if name == "tensorboard" else
+                        real_find_spec(name))
+    assert exit_2_message(capsys, *SMALL, "--save-dir", str(tmp_path / "run"), "--tensorboard") == [
+        "error: --tensorboard needs the tensorboard package: pip install -r requirements-optional.txt"]
+    assert not (tmp_path / "run").exists()
