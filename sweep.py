@@ -36,15 +36,22 @@ import time
 
 import runner
 import train
-from utils import CheckpointError, SaveDirLock, die, format_seconds
+from utils import CheckpointError, SaveDirLock, die, format_seconds, write_json
 
+# Where cells run: this machine's slots, or one submitit job each (SLURM, or local processes).
+EXECUTORS = ("local", "slurm", "submitit-local")
+# A cell's submitit job, recorded in its folder: what a rerun asks the scheduler about.
+JOB_RECORD = "job.json"
+# Seconds between looks at the submitted jobs.
+POLL_S = 2.0
 # Named in every cell's folder when given, as an axis or not: the flags a grid is most often extended along.
 ALWAYS_NAMED = ("--train-size", "--seed")
 # Exit code of a sweep stopped by SIGTERM (128 + the signal, as a shell reports it); Ctrl-C is runner's 130.
 EXIT_TERMINATED = 128 + signal.SIGTERM
 # What a finished run's results JSON holds.
 FINAL_KEYS = ("finetune_acc", "joint_acc")
-SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "train.py")
 
 
 def get_args_parser():
@@ -57,6 +64,15 @@ def get_args_parser():
     parser.add_argument("--jobs", type=int, default=1, help="without --gpus: cells at a time on the CPU")
     parser.add_argument("--print-commands", action="store_true", help="print the cells' commands, run nothing")
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state, run nothing")
+    cluster = parser.add_argument_group("cluster (submitit; pip install -r requirements-optional.txt)")
+    cluster.add_argument("--executor", choices=EXECUTORS, default="local",
+                         help="local: cells on this machine's slots; slurm: one SLURM job per cell through submitit; "
+                              "submitit-local: the same jobs as local processes (a workstation, the tests)")
+    cluster.add_argument("--partition", default=None, help="slurm: the partition")
+    cluster.add_argument("--gpus-per-node", type=int, default=0, help="slurm: GPUs per cell (over 1: DDP, torchrun)")
+    cluster.add_argument("--timeout-min", type=int, default=24 * 60, help="slurm: a job's time limit; a job that "
+                         "reaches it is requeued and resumes from its last completed epoch")
+    cluster.add_argument("--slurm-extra", default=None, help="slurm: more sbatch parameters, key=value,key=value")
     return parser
 
 
@@ -319,6 +335,107 @@ class Sweep:
                     os.killpg(proc.pid, signal.SIGINT)
 
 
+# ----------------------------------------------------------------------------- submitit executors
+
+class CellJob:
+    """A cell as a submitit job: train.py in a subprocess, resumed from its last epoch when one is saved.
+
+    Whether to resume is decided when the job starts, so a job that SLURM preempts or times out
+    (``checkpoint``: requeued with the same callable) continues where it stopped.
+    """
+
+    def __init__(self, argv, save_dir, gpus):
+        self.argv, self.save_dir, self.gpus = argv, save_dir, gpus
+
+    def __call__(self):
+        cmd = command(self.argv, self.save_dir, state_of(self.save_dir) == "interrupted")
+        if self.gpus > 1:  # DDP on the allocated node, as torchrun starts it
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.gpus}",
+                   *cmd[1:]]
+        with open(os.path.join(self.save_dir, "train.log"), "a") as log:
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if code:
+            raise RuntimeError(f"train.py exited with code {code}; log: {os.path.join(self.save_dir, 'train.log')}")
+        return code
+
+    def checkpoint(self):
+        import submitit
+        return submitit.helpers.DelayedSubmission(self)
+
+
+def require_submitit(executor):
+    try:
+        import submitit
+    except ImportError:
+        die(f"--executor {executor} needs the submitit package: pip install -r requirements-optional.txt")
+    return submitit
+
+
+def submitit_executor(args, save_dir):
+    """A submitit executor writing its files into <cell>/submitit."""
+    submitit = require_submitit(args.executor)
+    folder = os.path.join(save_dir, "submitit")
+    if args.executor == "submitit-local":
+        executor = submitit.LocalExecutor(folder=folder)
+        executor.update_parameters(timeout_min=args.timeout_min)
+        return executor
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+    extra = dict(kv.split("=", 1) for kv in args.slurm_extra.split(",")) if args.slurm_extra else {}
+    executor.update_parameters(timeout_min=args.timeout_min, slurm_partition=args.partition, nodes=1,
+                               gpus_per_node=args.gpus_per_node, tasks_per_node=1, slurm_additional_parameters=extra)
+    return executor
+
+
+def job_running(save_dir, executor):
+    """Whether the job recorded in a cell's folder is still queued or running (asked of the scheduler)."""
+    try:
+        with open(os.path.join(save_dir, JOB_RECORD)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if record.get("executor") != executor:
+        return False
+    if executor == "submitit-local":  # the job is a local process: its id is its pid
+        try:
+            os.kill(int(record["job_id"]), 0)
+            return True
+        except (ProcessLookupError, ValueError, KeyError):
+            return False
+    import submitit
+    state = submitit.SlurmJob(folder=os.path.join(save_dir, "submitit"), job_id=str(record["job_id"])).state
+    return state in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED")
+
+
+def run_submitit(args, todo):
+    """Submit each pending cell (or wait for its job already in the queue), then wait for them all.
+
+    Returns [(name, why, log)] of the cells that did not finish.
+    """
+    jobs, waited = {}, []
+    for name, save_dir, _, argv in todo:
+        if job_running(save_dir, args.executor):
+            print(f"[sweep] {name}: its job is still queued or running; waiting for it", flush=True)
+            waited.append((name, save_dir))
+            continue
+        os.makedirs(save_dir, exist_ok=True)
+        import sweep as importable  # the job is unpickled in another process: its class must not be __main__'s
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
+        job = submitit_executor(args, save_dir).submit(importable.CellJob(argv, save_dir, args.gpus_per_node))
+        record = {"executor": args.executor, "job_id": job.job_id, "stdout": str(job.paths.stdout),
+                  "stderr": str(job.paths.stderr), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_json(os.path.join(save_dir, JOB_RECORD), record)
+        print(f"[sweep] {name}: job {job.job_id} (log {job.paths.stdout})", flush=True)
+        jobs[name] = (job, save_dir)
+    while any(not job.done() for job, _ in jobs.values()) or any(job_running(d, args.executor) for _, d in waited):
+        time.sleep(POLL_S)
+    failed = []
+    for name, save_dir in [(n, d) for n, (_, d) in jobs.items()] + waited:
+        if state_of(save_dir) != "done":
+            failed.append((name, f"job state {state_of(save_dir)}", os.path.join(save_dir, "train.log")))
+    print(f"[sweep] done {len(jobs) + len(waited) - len(failed)} / failed {len(failed)}", flush=True)
+    return failed
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(args, extra):
@@ -347,8 +464,11 @@ def main(args, extra):
     threads = None if args.gpus is not None else max(1, (os.cpu_count() or 1) // args.jobs)
     todo = [(name, save_dir, states[name] == "interrupted", argv) for name, save_dir, argv in grid
             if states[name] in ("new", "interrupted")]
-    print(f"[sweep] {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run on "
-          f"{len(slots)} slot(s) under {args.out}", flush=True)
+    where = f"{len(slots)} slot(s)" if args.executor == "local" else f"{args.executor} jobs"
+    print(f"[sweep] {len(grid)} cells, {len(grid) - len(todo)} already done, {len(todo)} to run on {where} under "
+          f"{args.out}", flush=True)
+    if args.executor != "local":
+        require_submitit(args.executor)  # a missing package: one line before anything is written
     sweep = Sweep(todo, slots, threads)
     lock = SaveDirLock(args.out, "--out", "sweep")  # also proves --out can be written, before any cell starts
     try:
@@ -356,6 +476,11 @@ def main(args, extra):
     except CheckpointError as e:
         die(e)
     with lock:
+        if args.executor != "local":
+            failed = run_submitit(args, todo)
+            for name, why, log_path in failed:
+                print(f"[sweep] failed: {name} ({why}); log: {log_path}", file=sys.stderr)
+            return 1 if failed else 0
         try:
             sweep.run()
         except KeyboardInterrupt as e:

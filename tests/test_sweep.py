@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 import sweep
@@ -203,3 +204,47 @@ def test_sigterm_stops_the_running_cells_too(tmp_path):
     assert proc.returncode == 143 and "[sweep] stopped (SIGTERM): the running cells saved their last epoch" in err
     assert sweep.state_of(str(cell)) == "interrupted"
     assert not (cell / ".lock").exists() and not (tmp_path / ".lock").exists()  # nothing left running or holding it
+
+
+def test_a_grid_through_submitit_survives_a_killed_job_and_matches_the_local_executor(tmp_path):
+    grid = [*TINY[:TINY.index("--seed")], "--train-size", "100,200", "--seed", "0,1", "--epochs", "1",
+            "--head-epochs", "1", "--threads", "1"]
+    out = tmp_path / "submitit"
+    proc = subprocess.Popen([sys.executable, "sweep.py", "--out", str(out), "--executor", "submitit-local", *grid],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = out / "train-size=100__seed=0"
+    while not (victim / "phase_a" / "last.pth").exists() and proc.poll() is None:
+        time.sleep(0.01)
+    record = json.load(open(victim / "job.json"))
+    os.kill(int(open(victim / ".lock").read().split()[0]), signal.SIGKILL)  # train.py, then its job: as SLURM kills
+    os.kill(int(record["job_id"]), signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "[sweep] done 3 / failed 1" in stdout
+    assert stderr.strip() == f"[sweep] failed: train-size=100__seed=0 (job state interrupted); log: {victim}/train.log"
+    again = run_sweep(out, "--executor", "submitit-local", *grid)  # the same command: resumes the killed cell only
+    assert again.returncode == 0, again.stderr
+    assert "4 cells, 3 already done, 1 to run" in again.stdout and "[sweep] done 1 / failed 0" in again.stdout
+    local = run_sweep(tmp_path / "local", "--jobs", "2", *grid)
+    assert local.returncode == 0, local.stderr
+    tables = []
+    for folder in (out, tmp_path / "local"):
+        assert run_script_analyze(folder).returncode == 0
+        table = pd.read_csv(folder / "plots" / "runs.csv")
+        tables.append(table[["train_size", "seed", "head_acc", "finetune_acc"]].sort_values(["train_size", "seed"]))
+    pd.testing.assert_frame_equal(tables[0].reset_index(drop=True), tables[1].reset_index(drop=True))
+
+
+def run_script_analyze(folder):
+    return subprocess.run([sys.executable, "analyze.py", "--results-dir", str(folder)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_submitit_executor_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit raises ImportError
+    args, extra = sweep.get_args_parser().parse_known_args(["--out", str(tmp_path / "out"), "--executor", "slurm",
+                                                            *TINY])
+    with pytest.raises(SystemExit) as e:
+        sweep.main(args, extra)
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+        "error: --executor slurm needs the submitit package: pip install -r requirements-optional.txt")
+    assert not (tmp_path / "out").exists()
