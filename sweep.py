@@ -42,6 +42,8 @@ from utils import CheckpointError, SaveDirLock, die, format_seconds, write_json
 EXECUTORS = ("local", "slurm", "submitit-local")
 # A cell's submitit job, recorded in its folder: what a rerun asks the scheduler about.
 JOB_RECORD = "job.json"
+# DDP ports of submitit jobs (rendezvous_port), away from torchrun's default 29500.
+PORT_RANGE = (20000, 29000)
 # Seconds between looks at the submitted jobs.
 POLL_S = 2.0
 # Named in every cell's folder when given, as an axis or not: the flags a grid is most often extended along.
@@ -69,7 +71,10 @@ def get_args_parser():
                          help="local: cells on this machine's slots; slurm: one SLURM job per cell through submitit; "
                               "submitit-local: the same jobs as local processes (a workstation, the tests)")
     cluster.add_argument("--partition", default=None, help="slurm: the partition")
-    cluster.add_argument("--gpus-per-node", type=int, default=0, help="slurm: GPUs per cell (over 1: DDP, torchrun)")
+    cluster.add_argument("--nodes", type=int, default=1, help="slurm: nodes per cell")
+    cluster.add_argument("--gpus-per-node", type=int, default=0, help="slurm: GPUs per node for each cell")
+    cluster.add_argument("--tasks-per-node", type=int, default=None,
+                         help="processes per node (DDP ranks); default: one per GPU, else 1")
     cluster.add_argument("--timeout-min", type=int, default=24 * 60, help="slurm: a job's time limit; a job that "
                          "reaches it is requeued and resumes from its last completed epoch")
     cluster.add_argument("--slurm-extra", default=None, help="slurm: more sbatch parameters, key=value,key=value")
@@ -340,20 +345,24 @@ class Sweep:
 class CellJob:
     """A cell as a submitit job: train.py in a subprocess, resumed from its last epoch when one is saved.
 
-    Whether to resume is decided when the job starts, so a job that SLURM preempts or times out
-    (``checkpoint``: requeued with the same callable) continues where it stopped.
+    Each of the job's tasks (nodes x tasks per node) is one DDP rank: its RANK, WORLD_SIZE,
+    LOCAL_RANK and rendezvous address come from submitit's JobEnvironment, as torchrun would set
+    them. Whether to resume is decided when the job starts, so a job that SLURM preempts or times
+    out (``checkpoint``: requeued with the same callable) continues where it stopped.
     """
 
-    def __init__(self, argv, save_dir, gpus):
-        self.argv, self.save_dir, self.gpus = argv, save_dir, gpus
+    def __init__(self, argv, save_dir):
+        self.argv, self.save_dir = argv, save_dir
 
     def __call__(self):
+        import submitit
         cmd = command(self.argv, self.save_dir, state_of(self.save_dir) == "interrupted")
-        if self.gpus > 1:  # DDP on the allocated node, as torchrun starts it
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.gpus}",
-                   *cmd[1:]]
+        env, job = dict(os.environ), submitit.JobEnvironment()
+        if job.num_tasks > 1:
+            env.update(RANK=str(job.global_rank), WORLD_SIZE=str(job.num_tasks), LOCAL_RANK=str(job.local_rank),
+                       MASTER_ADDR=job.hostnames[0], MASTER_PORT=str(rendezvous_port(job.job_id)))
         with open(os.path.join(self.save_dir, "train.log"), "a") as log:
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         if code:
             raise RuntimeError(f"train.py exited with code {code}; log: {os.path.join(self.save_dir, 'train.log')}")
         return code
@@ -361,6 +370,12 @@ class CellJob:
     def checkpoint(self):
         import submitit
         return submitit.helpers.DelayedSubmission(self)
+
+
+def rendezvous_port(job_id):
+    """A job's DDP port, from its id, in PORT_RANGE: jobs sharing a node do not collide (unless ids do)."""
+    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
+    return PORT_RANGE[0] + int(digits) % (PORT_RANGE[1] - PORT_RANGE[0])
 
 
 def require_submitit(executor):
@@ -375,14 +390,15 @@ def submitit_executor(args, save_dir):
     """A submitit executor writing its files into <cell>/submitit."""
     submitit = require_submitit(args.executor)
     folder = os.path.join(save_dir, "submitit")
+    tasks = args.tasks_per_node or max(1, args.gpus_per_node)
     if args.executor == "submitit-local":
         executor = submitit.LocalExecutor(folder=folder)
-        executor.update_parameters(timeout_min=args.timeout_min)
+        executor.update_parameters(timeout_min=args.timeout_min, tasks_per_node=tasks)
         return executor
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     extra = dict(kv.split("=", 1) for kv in args.slurm_extra.split(",")) if args.slurm_extra else {}
-    executor.update_parameters(timeout_min=args.timeout_min, slurm_partition=args.partition, nodes=1,
-                               gpus_per_node=args.gpus_per_node, tasks_per_node=1, slurm_additional_parameters=extra)
+    executor.update_parameters(timeout_min=args.timeout_min, slurm_partition=args.partition, nodes=args.nodes,
+                               gpus_per_node=args.gpus_per_node, tasks_per_node=tasks, slurm_additional_parameters=extra)
     return executor
 
 
@@ -420,7 +436,7 @@ def run_submitit(args, todo):
         os.makedirs(save_dir, exist_ok=True)
         import sweep as importable  # the job is unpickled in another process: its class must not be __main__'s
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
-        job = submitit_executor(args, save_dir).submit(importable.CellJob(argv, save_dir, args.gpus_per_node))
+        job = submitit_executor(args, save_dir).submit(importable.CellJob(argv, save_dir))
         record = {"executor": args.executor, "job_id": job.job_id, "stdout": str(job.paths.stdout),
                   "stderr": str(job.paths.stderr), "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_json(os.path.join(save_dir, JOB_RECORD), record)
@@ -469,6 +485,10 @@ def main(args, extra):
           f"{args.out}", flush=True)
     if args.executor != "local":
         require_submitit(args.executor)  # a missing package: one line before anything is written
+        if args.nodes < 1 or (args.tasks_per_node or 1) < 1 or args.gpus_per_node < 0:
+            die("--nodes and --tasks-per-node must be >= 1 and --gpus-per-node >= 0")
+        if args.executor == "submitit-local" and args.nodes > 1:
+            die("--executor submitit-local runs on this machine: --nodes must be 1")
     sweep = Sweep(todo, slots, threads)
     lock = SaveDirLock(args.out, "--out", "sweep")  # also proves --out can be written, before any cell starts
     try:

@@ -248,3 +248,12 @@ def test_submitit_executor_without_the_package_is_one_line(tmp_path, capsys, mon
     assert e.value.code == 2 and capsys.readouterr().err.strip() == (
         "error: --executor slurm needs the submitit package: pip install -r requirements-optional.txt")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cell_of_two_tasks_trains_as_two_ddp_ranks(tmp_path):
+    proc = run_sweep(tmp_path, "--executor", "submitit-local", "--tasks-per-node", "2", *TINY, "--train-size", "200",
+                     "--epochs", "1", "--head-epochs", "1", "--threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    (path,) = glob.glob(str(tmp_path / "train-size=200__seed=0" / "results_*.json"))
+    saved = json.load(open(path))
+    assert saved["provenance"][-1]["world_size"] == 2 and saved["results"]["replicas_in_sync"] is True
