@@ -497,7 +497,12 @@ def main(args, extra):
         die(e)
     with lock:
         if args.executor != "local":
-            failed = run_submitit(args, todo)
+            try:
+                failed = run_submitit(args, todo)
+            except KeyboardInterrupt as e:
+                print(f"[sweep] {stop_reason(e)} while waiting: the submitted jobs go on; run the same command to "
+                      f"wait for them again", file=sys.stderr, flush=True)
+                return stop_code(e)
             for name, why, log_path in failed:
                 print(f"[sweep] failed: {name} ({why}); log: {log_path}", file=sys.stderr)
             return 1 if failed else 0
