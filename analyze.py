@@ -46,7 +46,7 @@ REQUIRED_RESULTS = {
     JOINT: ("joint_acc", "filter_delta_l2", "filter_delta_relative", "n_params_total", "n_params_trainable",
             "actual_train_samples")}
 REQUIRED_RESULTS[FROZEN] = REQUIRED_RESULTS[TWO_PHASE]
-COLUMNS = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "init", "arm", "select", "head_acc",
+COLUMNS = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "learn", "init", "arm", "select", "head_acc",
            "finetune_acc", "finetune_gain", "joint_acc", "last_epoch_acc", "best_test_epoch_acc", "filter_delta_l2",
            "filter_delta_relative", "n_params_total", "n_params_trainable"]
 # The phase whose test accuracy is each arm's answer (beside it: its last epoch's and its best test epoch's).
@@ -165,7 +165,8 @@ def summary_table(experiments):
         config, results = exp["config"], exp["results"]
         row = {"dataset": config["dataset"], "train_size": results["actual_train_samples"],
                "n_blocks": config["n_blocks"], "L": config["L"], "modulus_type": config["modulus_type"],
-               "init": config.get("init", "wavelet"), "arm": train.arm_of(config), "select": config["select"]}
+               "learn": config.get("learn", "taps"), "init": config.get("init", "wavelet"), "arm": train.arm_of(config),
+               "select": config["select"]}
         row.update({key: results[key] for key in COLUMNS if key in results})
         row.update(optimism_columns(exp["curves"].get(FINAL_PHASE[training_of(row["arm"])])))
         rows.append({**row, "seed": config.get("seed"), "commit": commit_of(exp), "base": base_configuration(config),
@@ -205,8 +206,7 @@ def commit_of(exp):
 
 def group_table(table):
     """Per configuration (base configuration and arm): n runs and the mean and std of each accuracy."""
-    keys = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "init", "arm"]
-    keys = keys + ["select"]
+    keys = ["dataset", "train_size", "n_blocks", "L", "modulus_type", "learn", "init", "arm", "select"]
     grouped = table.groupby(["base"] + keys, sort=False, dropna=False)
     stats = grouped[list(ACCURACIES) + ["last_epoch_acc", "best_test_epoch_acc"]].agg(["mean", "std"])
     stats.columns = [f"{acc}_{stat}" for acc, stat in stats.columns]
@@ -398,7 +398,8 @@ def save(plt, fig, path):
 # ----------------------------------------------------------------------------- learnt filters
 
 def model_from_checkpoint(path, trusted=False):
-    """The ScatteringNet of a train.py / quick_check.py checkpoint, rebuilt from the config it carries.
+    """The ScatteringNet of a train.py / quick_check.py checkpoint, rebuilt from the config it carries, and
+    the same network as it was initialised (its seed's draws; None when the checkpoint records no seed).
 
     Checkpoints carry ``model_config``; older ones only their flags under
     ``config``, with the input shape taken from the dataset's facts.
@@ -410,12 +411,25 @@ def model_from_checkpoint(path, trusted=False):
     try:
         saved = ckpt.get("model_config") or ckpt["config"]
         config = ModelConfig.from_dict(saved, None if "model_config" in ckpt else data.INFO[saved["dataset"]])
+        seed = (ckpt.get("config") or {}).get("seed")
+        initial = None if seed is None else runner.build_model(config, seed, "cpu")
         model = ScatteringNet(config)
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         die(f"--filters: {path} holds no ScatteringNet these scripts can rebuild ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:120] if str(e) else ''})")
-    return model
+    return model, initial
+
+
+def morlet_changes(initial, learnt):
+    """Per orientation of block 0: each Morlet parameter at the start, after training, and the change.
+
+    initial, learnt: ScatteringNet.morlet_table() of the same run (initial None: the start is unknown)."""
+    after = pd.DataFrame(learnt[0]["orientations"]).rename_axis("orientation")
+    if initial is None:
+        return after
+    before = pd.DataFrame(initial[0]["orientations"])
+    return pd.concat({"initial": before, "learnt": after, "change": after - before}, axis=1).rename_axis("orientation")
 
 
 def plot_filters(plt, block, path, channel=0):
@@ -456,7 +470,7 @@ def filters_plot_name(checkpoint, results_dir):
 
 
 def report_filters(plt, checkpoint, plots_dir, results_dir, trusted=False):
-    model = model_from_checkpoint(checkpoint, trusted)
+    model, initial = model_from_checkpoint(checkpoint, trusted)
     block = model.blocks[0]
     if block.lowpass_only:
         die(f"--filters: block 0 of {checkpoint} is low-pass only: it has no wavelets to draw")
@@ -464,6 +478,12 @@ def report_filters(plt, checkpoint, plots_dir, results_dir, trusted=False):
     table = pd.DataFrame(movement["orientations"]).set_index("orientation")
     print(f"block 0 of {checkpoint}: how far each wavelet moved from its Morlet init (mean over input channels)")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    if model.config.learn == "morlet":
+        print(f"block 0's Morlet parameters (theta, xi in radians and rad/sample; sigma in pixels), "
+              f"{'at the start (its seed rebuilt), ' if initial else ''}after training"
+              f"{', and the change' if initial else ''}:")
+        changes = morlet_changes(initial and initial.morlet_table(), model.morlet_table())
+        print(changes.to_string(float_format=lambda v: f"{v:.4f}"))
     path = os.path.join(plots_dir, filters_plot_name(checkpoint, results_dir))
     plot_filters(plt, block, path)
     print(f"saved {path}")

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 
 from wavelet_kernels import check_kernel_size
-from spatial_scattering import (MODULUS_RESOLUTIONS, MODULUS_TYPES, PADDING_MODES, ScatteringBlock,
-                                block_parameter_count, filter_movement, mixing_groups, output_orders,
+from spatial_scattering import (LEARN_MODES, MODULUS_RESOLUTIONS, MODULUS_TYPES, PADDING_MODES, ScatteringBlock,
+                                block_parameter_count, filter_movement, mixing_groups, morlet_horizon, output_orders,
                                 wavelet_inputs, wavelet_parameter_count)
 
 # fp32 weight + gradient + AdamW's two moments, per trainable parameter.
@@ -45,6 +45,7 @@ class BlockPlan:
     params: int
     in_orders: tuple = ()
     wavelet_inputs: int = 0
+    learn: str = "taps"
 
     def describe(self):
         mixing = "dense" if self.groups == 1 else f"grouped ({self.groups} groups of {self.in_channels // self.groups})"
@@ -53,7 +54,8 @@ class BlockPlan:
             path = f", wavelets on the {self.wavelet_inputs:,} channels of order < {len(self.in_orders) - 1}"
         return (f"block {self.index}: {self.in_channels:,} -> {self.out_channels:,} channels, "
                 f"{self.in_spatial}x{self.in_spatial} -> {self.out_spatial}x{self.out_spatial}, "
-                f"{self.params:,} params ({self.wavelet_params:,} wavelet), {mixing}{path}")
+                f"{self.params:,} params ({self.wavelet_params:,} {'Morlet' if self.learn == 'morlet' else 'wavelet'}), "
+                f"{mixing}{path}")
 
 
 def _positive_int(name, value):
@@ -83,6 +85,7 @@ class ModelConfig:
     init: str = "wavelet"
     max_order: Optional[int] = None
     modulus_resolution: str = "half"
+    learn: str = "taps"
 
     @classmethod
     def from_args(cls, args, info=None):
@@ -127,6 +130,11 @@ def add_model_args(parser):
                             "default (Kaiming-uniform) init of every block weight, same shapes")
     group.add_argument("--random-init", dest="init", action="store_const", const="random",
                        help="the same as --init random")
+    group.add_argument("--learn", default=d.learn, choices=LEARN_MODES,
+                       help="taps: every K x K filter tap trains; morlet: each orientation's Morlet parameters "
+                            "(orientation, frequency, width, slant) and the low-pass width train, the filters stay "
+                            "Morlet wavelets, one per input channel (mixing horizon 1), the poolings fixed averages; "
+                            "with --init random the parameters are drawn over the ranges in docs/DESIGN.md")
     return group
 
 
@@ -155,6 +163,9 @@ def plan_blocks(config):
         raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {c.padding_mode!r}")
     if c.init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {c.init!r}")
+    if c.learn not in LEARN_MODES:
+        raise ValueError(f"learn must be one of {LEARN_MODES}, got {c.learn!r}")
+    horizon = morlet_horizon(c.learn, c.mixing_horizon)
     if c.modulus_resolution not in MODULUS_RESOLUTIONS:
         raise ValueError(f"modulus_resolution must be one of {MODULUS_RESOLUTIONS}, got {c.modulus_resolution!r}")
     if c.max_order is not None:
@@ -164,13 +175,13 @@ def plan_blocks(config):
         lowpass_only = c.lowpass_last and j == c.n_blocks - 1
         channels, out = sum(orders), output_orders(orders, c.L, c.max_order, lowpass_only)
         P = channels if lowpass_only else wavelet_inputs(orders, c.max_order)
-        groups = mixing_groups(channels, c.mixing_horizon)
-        mixing_groups(P, c.mixing_horizon, f"block {j}'s {P} input channels of order < {c.max_order}")
+        groups = mixing_groups(channels, horizon)
+        mixing_groups(P, horizon, f"block {j}'s {P} input channels of order < {c.max_order}")
         plans.append(BlockPlan(
             j, channels, sum(out), spatial, spatial // 2, groups, lowpass_only,
-            wavelet_parameter_count(channels, c.L, c.kernel_size, c.mixing_horizon, lowpass_only, P),
-            block_parameter_count(channels, c.L, c.kernel_size, c.modulus_type, c.mixing_horizon, lowpass_only, P),
-            orders, P))
+            wavelet_parameter_count(channels, c.L, c.kernel_size, horizon, lowpass_only, P, c.learn),
+            block_parameter_count(channels, c.L, c.kernel_size, c.modulus_type, horizon, lowpass_only, P, c.learn),
+            orders, P, c.learn))
         orders, spatial = out, spatial // 2
     return plans
 
@@ -229,12 +240,12 @@ class ScatteringNet(nn.Module):
         self.blocks = nn.Sequential(*[
             ScatteringBlock(b.in_channels, config.L, config.kernel_size, config.modulus_type, config.learnable,
                             config.mixing_horizon, b.lowpass_only, config.padding_mode, config.max_order,
-                            b.in_orders if config.max_order is not None else None, config.modulus_resolution)
+                            b.in_orders if config.max_order is not None else None, config.modulus_resolution,
+                            config.learn)
             for b in self.plan["blocks"]])
         if config.init == "random":  # the random-init control: same shapes, no wavelet in them
-            for conv in self.blocks.modules():
-                if isinstance(conv, nn.Conv2d):
-                    conv.reset_parameters()
+            for block in self.blocks:
+                block.reset_random()
         channels = self.plan["classifier_channels"]
         self.bn = nn.BatchNorm2d(channels)
         self.pool = nn.AdaptiveAvgPool2d(1) if config.global_avg_pool else nn.Identity()
@@ -273,6 +284,16 @@ class ScatteringNet(nn.Module):
             for name, conv in block.filter_convs().items():
                 weights[f"blocks.{j}.{name}.weight"] = conv.weight.detach().float().cpu().clone()
         return weights
+
+    def morlet_parameters(self):
+        """The MorletBank parameters of every block (learn='morlet'; empty for 'taps')."""
+        return [p for block in self.blocks if block.learn == "morlet" for p in block.morlet.parameters()]
+
+    def morlet_table(self):
+        """Per block, its Morlet parameters in natural units (MorletBank.parameter_table); None for 'taps'."""
+        if self.config.learn != "morlet":
+            return None
+        return [{"block": j, **block.morlet.parameter_table()} for j, block in enumerate(self.blocks)]
 
     def filter_movement(self):
         """Per block with wavelets: how far they moved from their Morlet init (spatial_scattering.filter_movement).

@@ -29,6 +29,11 @@ Two options change the data flow:
 - ``modulus_resolution='full'``: the wavelet responses are computed at full
   resolution, the modulus (or phase ReLU) is taken there, and the 2 x 2
   pooling comes after it, as kymatio does; the low-pass path stays fused.
+- ``learn='morlet'``: the K x K filters are not free taps but Morlet wavelets
+  generated from learnable (orientation, frequency, width, slant) per
+  orientation and a learnable low-pass width (MorletBank), applied to each
+  input channel on its own; the 2 x 2 poolings stay fixed averages, so every
+  band-pass path stays a Morlet wavelet followed by a mean.
 - ``modulus_resolution='subsample'``: the 2 x 2 wavelet pooling starts as
   "keep the top-left pixel" instead of the mean, so the modulus is taken of
   the response itself at every other pixel. The 2-tap mean passes only
@@ -58,6 +63,21 @@ AVG_POOL_2X2 = 0.25
 SUBSAMPLE_TAP = (0, 0)
 # The rectified phases per (channel, orientation): +Re, -Re, +Im, -Im.
 N_PHASES = 4
+# What the K x K filters are made of: free taps (the default) or the parameters of a Morlet wavelet per orientation.
+LEARN_MODES = ("taps", "morlet")
+# The learnable parameters of each orientation's Morlet wavelet under learn='morlet' (MorletBank).
+MORLET_PARAMS = ("theta", "xi", "sigma", "slant")
+# --learn morlet --init random draws each orientation's parameters uniformly from these ranges (the width
+# log-uniformly). Gauthier et al. (CVPR 2022, "Parametric Scattering Networks") draw theta in [0, 2 pi),
+# slant in [0.5, 1.5], xi in [0.5, 1] and sigma log-uniform in [1, 5] for a two-scale bank on whole
+# images; our filters are one scale on a 7 x 7 grid, so: theta over a half-turn (the modulus of a real
+# image's response is the same at theta and theta + pi), xi from a quarter of Nyquist to Nyquist (the
+# band a K x K kernel resolves; the wavelet init sits at 3 pi / 4), sigma from 0.5 px to 2 px (an envelope
+# that stays inside a 7 x 7 grid; the init is 0.8), and the paper's slant range.
+RANDOM_THETA = (0.0, math.pi)
+RANDOM_XI = (math.pi / 4, math.pi)
+RANDOM_SIGMA = (0.5, 2.0)
+RANDOM_SLANT = (0.5, 1.5)
 # Grid of the zero-padded FFT that locates a K x K filter's spectral peak: 2*pi/256 ~ 0.025 rad/sample
 # resolution, ten times finer than the frequency shifts that training produces (docs/EXPERIMENTS.md).
 FFT_SIZE = 256
@@ -81,6 +101,17 @@ def mixing_groups(in_channels, mixing_horizon, what=None):
         raise ValueError(f"mixing_horizon={mixing_horizon} does not divide {what or f'in_channels={in_channels}'}; "
                          f"valid values: {valid} (or any value >= {in_channels} for dense)")
     return in_channels // mixing_horizon
+
+
+def morlet_horizon(learn, mixing_horizon):
+    """The mixing horizon a block uses: ``mixing_horizon``, or 1 for learn='morlet' (each Morlet wavelet sees
+    one input channel); ValueError for an explicit other horizon with 'morlet'."""
+    if learn != "morlet":
+        return mixing_horizon
+    if mixing_horizon not in (None, 1):
+        raise ValueError(f"learn='morlet' filters each input channel on its own: mixing_horizon must be 1 (or "
+                         f"unset), got {mixing_horizon!r}")
+    return 1
 
 
 def block_diagonal_weight(kernels, in_channels, groups):
@@ -144,6 +175,129 @@ def safe_modulus(re, im):
     return torch.sqrt(torch.clamp(squared, min=torch.finfo(squared.dtype).tiny))
 
 
+def pad_input(x, kernel_size, padding_mode):
+    """(x, padding) for a 'same' K x K convolution: zeros are left to the convolution (no copy of the input)."""
+    p = kernel_size // 2
+    if padding_mode == "zeros":
+        return x, p
+    return F.pad(x, (p, p, p, p), mode=padding_mode), 0
+
+
+class MorletBank(nn.Module):
+    r"""A block's K x K filters generated from learnable Morlet parameters (``learn='morlet'``).
+
+    Parameters, one per orientation l and shared by every input channel (as
+    in Gauthier et al., "Parametric Scattering Networks", CVPR 2022):
+    ``theta`` (L,) in radians, ``xi`` (L,) in radians per sample,
+    ``log_sigma`` (L,) and ``log_slant`` (L,); and ``log_phi_sigma`` (), the
+    low-pass width. Widths are stored as logarithms so that no optimiser
+    step can make them negative. ``kernels()`` evaluates, in torch and on
+    the parameters' device, the formulas of ``wavelet_kernels``: with
+    :math:`a = u_1\cos\theta + u_2\sin\theta` (along) and
+    :math:`b = -u_1\sin\theta + u_2\cos\theta` (across),
+
+    .. math::
+
+        g(u) = \frac{\text{slant}}{2\pi\sigma^2} e^{-(a^2 + \text{slant}^2 b^2)/2\sigma^2} e^{i\xi a},
+        \qquad \psi = g_\xi - \beta g_0, \quad \beta = \textstyle\sum g_\xi / \sum g_0,
+        \qquad \phi \propto e^{-|u|^2 / 2\sigma_\phi^2}, \ \textstyle\sum \phi = 1,
+
+    which is ``morlet_2d`` (:math:`u^\top R D R^\top u = a^2 + \text{slant}^2 b^2`)
+    and ``filter_bank``'s low-pass. Initialised to ``filter_bank(L, K)``'s
+    parameters, it generates that bank exactly (to float rounding).
+    """
+
+    def __init__(self, L, kernel_size, lowpass_only=False):
+        super().__init__()
+        bank = wavelet_kernels.filter_bank(L, kernel_size)
+        dtype = torch.get_default_dtype()
+        self.L, self.kernel_size, self.lowpass_only = L, kernel_size, lowpass_only
+        self.register_buffer("grid", torch.as_tensor(wavelet_kernels.centred_grid(kernel_size), dtype=dtype),
+                             persistent=False)  # (2, K, K): u_1, u_2
+        self.log_phi_sigma = nn.Parameter(torch.tensor(math.log(wavelet_kernels.SIGMA_0), dtype=dtype))
+        if not lowpass_only:  # a low-pass-only block has no wavelet parameters (none that would get no gradient)
+            self.theta = nn.Parameter(torch.as_tensor(bank["theta"], dtype=dtype))
+            self.xi = nn.Parameter(torch.full((L,), bank["xi"], dtype=dtype))
+            self.log_sigma = nn.Parameter(torch.full((L,), math.log(bank["sigma"]), dtype=dtype))
+            self.log_slant = nn.Parameter(torch.full((L,), math.log(bank["slant"]), dtype=dtype))
+        self._cache = (None, None)
+
+    @torch.no_grad()
+    def reset_random(self):
+        """Draw every orientation's parameters over RANDOM_THETA, RANDOM_XI, RANDOM_SIGMA (log), RANDOM_SLANT;
+        the low-pass keeps its width (the random control is about the wavelets)."""
+        if self.lowpass_only:
+            return
+        self.theta.uniform_(*RANDOM_THETA)
+        self.xi.uniform_(*RANDOM_XI)
+        self.log_sigma.uniform_(*(math.log(s) for s in RANDOM_SIGMA))
+        self.log_slant.uniform_(*RANDOM_SLANT).log_()
+
+    @torch.no_grad()
+    def parameter_table(self):
+        """Per orientation {theta, xi, sigma, slant} (radians, rad/sample, pixels, ratio), and the low-pass sigma."""
+        table = {"phi_sigma": float(self.log_phi_sigma.exp())}
+        if not self.lowpass_only:
+            values = {"theta": self.theta, "xi": self.xi, "sigma": self.log_sigma.exp(), "slant": self.log_slant.exp()}
+            table["orientations"] = [{k: float(v[l]) for k, v in values.items()} for l in range(self.L)]
+        return table
+
+    def kernels(self):
+        """{'phi': (1, K, K), 'psi_real': (L, K, K), 'psi_imag': (L, K, K)} from the current parameters (no psi_*
+        when lowpass_only).
+
+        Kept while no parameter changes and no gradient is wanted (frozen
+        blocks, evaluation): the filters are then made once, not every batch.
+        """
+        params = list(self.parameters())
+        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        if cacheable and not torch.compiler.is_compiling():
+            key = tuple((p.data_ptr(), p._version, p.dtype) for p in (*params, self.grid))
+            if self._cache[0] != key:
+                self._cache = (key, self._generate())
+            return self._cache[1]
+        return self._generate()
+
+    def _generate(self):
+        u1, u2 = self.grid[0], self.grid[1]  # (K, K) each
+        phi = torch.exp(-(u1 ** 2 + u2 ** 2) / (2 * self.log_phi_sigma.exp() ** 2))
+        if self.lowpass_only:
+            return {"phi": (phi / phi.sum())[None]}
+        theta, xi = self.theta[:, None, None], self.xi[:, None, None]  # (L,) -> (L, 1, 1)
+        sigma, slant = self.log_sigma.exp()[:, None, None], self.log_slant.exp()[:, None, None]
+        along = u1 * theta.cos() + u2 * theta.sin()  # (L, K, K)
+        across = -u1 * theta.sin() + u2 * theta.cos()
+        envelope = slant / (2 * math.pi * sigma ** 2) * torch.exp(-(along ** 2 + (slant * across) ** 2) / (2 * sigma ** 2))
+        gabor_real, gabor_imag = envelope * torch.cos(xi * along), envelope * torch.sin(xi * along)
+        total = envelope.sum((-2, -1), keepdim=True)  # beta = sum(g_xi) / sum(g_0), real and imaginary parts
+        beta_real, beta_imag = gabor_real.sum((-2, -1), keepdim=True) / total, gabor_imag.sum((-2, -1), keepdim=True) / total
+        return {"phi": (phi / phi.sum())[None], "psi_real": gabor_real - beta_real * envelope,
+                "psi_imag": gabor_imag - beta_imag * envelope}
+
+
+class GeneratedConv:
+    """A per-channel K x K convolution whose kernels a MorletBank makes: the parts of an ``nn.Conv2d`` that
+    ScatteringBlock reads (``weight``, ``in_channels``, ``out_channels``, ``groups``, calling it), with no
+    weight of its own (the bank's parameters are the block's)."""
+
+    def __init__(self, bank, part, in_channels, padding_mode):
+        self.bank, self.part, self.padding_mode = bank, part, padding_mode
+        self.in_channels = self.groups = in_channels
+        self.out_channels = in_channels * (1 if part == "phi" else bank.L)
+
+    @property
+    def weight(self):
+        """(C*P, 1, K, K): output c*P + p holds kernel p on input channel c."""
+        kernels = self.bank.kernels()[self.part]  # (P, K, K)
+        P, K = kernels.shape[0], kernels.shape[-1]
+        return kernels.expand(self.in_channels, P, K, K).reshape(self.out_channels, 1, K, K)  # (C, P, K, K) -> (C*P, 1, K, K)
+
+    def __call__(self, x):
+        x, padding = pad_input(x, self.bank.kernel_size, self.padding_mode)
+        return F.conv2d(x, self.weight, padding=padding, groups=self.groups)
+
+
+
 class ScatteringBlock(nn.Module):
     """Single-scale (J=1) scattering with 2x downsampling; see the module docstring.
 
@@ -176,17 +330,24 @@ class ScatteringBlock(nn.Module):
         Take the modulus after the 2 x 2 mean (the default), of the response at
         every other pixel (the wavelet pooling starts as one tap), or at full
         resolution before the 2 x 2 mean.
+    learn : {'taps', 'morlet'}
+        What the K x K filters are: free taps (nn.Conv2d weights), or Morlet
+        wavelets generated from learnable parameters (``self.morlet``, a
+        MorletBank), per input channel (mixing_horizon must be None or 1), with
+        the 2 x 2 poolings fixed averages (buffers, not parameters).
     """
 
     def __init__(self, in_channels, L=8, kernel_size=7, modulus_type="complex_modulus", learnable=True,
                  mixing_horizon=None, lowpass_only=False, padding_mode="zeros", max_order=None, in_orders=None,
-                 modulus_resolution="half"):
+                 modulus_resolution="half", learn="taps"):
         super().__init__()
-        self._check_options(in_channels, modulus_type, padding_mode, max_order, in_orders, modulus_resolution)
+        self._check_options(in_channels, modulus_type, padding_mode, max_order, in_orders, modulus_resolution, learn)
+        mixing_horizon = morlet_horizon(learn, mixing_horizon)
         bank = wavelet_kernels.filter_bank(L, kernel_size)
         self.in_channels, self.L, self.kernel_size = in_channels, L, kernel_size
         self.modulus_type, self.lowpass_only, self.padding_mode = modulus_type, lowpass_only, padding_mode
         self.mixing_horizon, self.max_order, self.modulus_resolution = mixing_horizon, max_order, modulus_resolution
+        self.learn = learn
         self.in_orders = tuple(in_orders or (in_channels,))
         self.out_orders = output_orders(self.in_orders, L, max_order, lowpass_only)
         self.out_channels = sum(self.out_orders)
@@ -196,11 +357,19 @@ class ScatteringBlock(nn.Module):
         self.groups = mixing_groups(C, mixing_horizon)
         self.psi_groups = mixing_groups(P, mixing_horizon, f"the {P} input channels of order < {max_order}")
 
-        self.phi_conv = self._wavelet_conv(C, bank["phi"][None], self.groups)
+        if learn == "morlet":
+            self.morlet = MorletBank(L, kernel_size, lowpass_only)
+            self.phi_conv = GeneratedConv(self.morlet, "phi", C, padding_mode)
+        else:
+            self.phi_conv = self._wavelet_conv(C, bank["phi"][None], self.groups)
         self.phi_pool = self._avg_pool_conv(C)
         if not lowpass_only:
-            self.psi_real = self._wavelet_conv(P, bank["psi"].real, self.psi_groups)
-            self.psi_imag = self._wavelet_conv(P, bank["psi"].imag, self.psi_groups)
+            if learn == "morlet":
+                self.psi_real = GeneratedConv(self.morlet, "psi_real", P, padding_mode)
+                self.psi_imag = GeneratedConv(self.morlet, "psi_imag", P, padding_mode)
+            else:
+                self.psi_real = self._wavelet_conv(P, bank["psi"].real, self.psi_groups)
+                self.psi_imag = self._wavelet_conv(P, bank["psi"].imag, self.psi_groups)
             self.psi_pool = self._avg_pool_conv(P * L)
             if modulus_resolution == "subsample":
                 with torch.no_grad():
@@ -208,10 +377,26 @@ class ScatteringBlock(nn.Module):
             if modulus_type == "phase_relu":
                 self.phase_collapse = nn.Conv2d(N_PHASES * P * L, P * L, 1, groups=P * L, bias=False)
                 nn.init.constant_(self.phase_collapse.weight, PHASE_COLLAPSE_INIT)
+        if learn == "morlet":  # the poolings stay averages: each path stays a Morlet wavelet, then a mean
+            for pool in (self.phi_pool, getattr(self, "psi_pool", None)):
+                if pool is not None:
+                    fixed = pool.weight.detach()
+                    del pool.weight
+                    pool.register_buffer("weight", fixed)
         self.requires_grad_(learnable)
 
+    def reset_random(self):
+        """--init random: PyTorch's default (Kaiming-uniform) init of every convolution (taps), or the Morlet
+        parameters drawn over RANDOM_* (morlet: the poolings and the phase collapse keep their init)."""
+        if self.learn == "morlet":
+            self.morlet.reset_random()
+            return
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d):
+                conv.reset_parameters()
+
     @staticmethod
-    def _check_options(in_channels, modulus_type, padding_mode, max_order, in_orders, modulus_resolution):
+    def _check_options(in_channels, modulus_type, padding_mode, max_order, in_orders, modulus_resolution, learn):
         if not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
         if modulus_type not in MODULUS_TYPES:
@@ -222,6 +407,8 @@ class ScatteringBlock(nn.Module):
             raise ValueError(f"modulus_resolution must be one of {MODULUS_RESOLUTIONS}, got {modulus_resolution!r}")
         if max_order is not None and (not isinstance(max_order, int) or isinstance(max_order, bool) or max_order < 1):
             raise ValueError(f"max_order must be a positive integer or None, got {max_order!r}")
+        if learn not in LEARN_MODES:
+            raise ValueError(f"learn must be one of {LEARN_MODES}, got {learn!r}")
         if in_orders is not None and (max_order is None or sum(in_orders) != in_channels or min(in_orders) < 0):
             raise ValueError(f"in_orders must count the {in_channels} input channels by order (with max_order), "
                              f"got {in_orders!r}")
@@ -316,15 +503,9 @@ class ScatteringBlock(nn.Module):
         if min(x.shape[-2:]) < 2:
             raise ValueError(f"ScatteringBlock needs spatial size >= 2 to downsample, got {tuple(x.shape[-2:])}")
 
-    def _pad(self, x):
-        p = self.kernel_size // 2
-        if self.padding_mode == "zeros":
-            return x, p  # let the convolution pad: no copy of the input
-        return F.pad(x, (p, p, p, p), mode=self.padding_mode), 0
-
     def forward(self, x):
         self._check_input(x)
-        x, padding = self._pad(x)
+        x, padding = pad_input(x, self.kernel_size, self.padding_mode)
         per_channel = self.is_frozen_block_diagonal()
         g = self.in_channels if per_channel else self.groups
         if self.single_convolution:
@@ -424,7 +605,8 @@ class ScatteringBlock(nn.Module):
         orders = (f", max_order={self.max_order}, in_orders={self.in_orders}" if self.max_order is not None else "")
         return (f"in_channels={self.in_channels}, L={self.L}, kernel_size={self.kernel_size}, "
                 f"modulus_type={self.modulus_type!r}, groups={self.groups}, lowpass_only={self.lowpass_only}, "
-                f"padding_mode={self.padding_mode!r}, modulus_resolution={self.modulus_resolution!r}{orders}")
+                f"padding_mode={self.padding_mode!r}, modulus_resolution={self.modulus_resolution!r}{orders}, "
+                f"learn={self.learn!r}")
 
 
 def split_groups(y, groups, sizes):
@@ -433,11 +615,15 @@ def split_groups(y, groups, sizes):
     return y.view(B, groups, sum(sizes), H, W).split(sizes, dim=2)  # (B, g*n, H, W) -> (B, g, n, H, W)
 
 
-def wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon=None, lowpass_only=False, wavelet_inputs=None):
-    """Weights of phi_conv + psi_real + psi_imag, as docs/DESIGN.md's mixing-horizon table counts them.
+def wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon=None, lowpass_only=False, wavelet_inputs=None,
+                            learn="taps"):
+    """Weights of phi_conv + psi_real + psi_imag, as docs/DESIGN.md's mixing-horizon table counts them
+    (learn='morlet': the MorletBank's parameters, MORLET_PARAMS per orientation and the low-pass width).
 
     wavelet_inputs: the input channels that get wavelets (max_order); default all.
     """
+    if learn == "morlet":
+        return 1 + (0 if lowpass_only else len(MORLET_PARAMS) * L)
     C, P = in_channels, in_channels if wavelet_inputs is None else wavelet_inputs
     n = C * (C // mixing_groups(C, mixing_horizon)) * kernel_size ** 2
     if not lowpass_only:
@@ -446,13 +632,14 @@ def wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon=None, lo
 
 
 def block_parameter_count(in_channels, L, kernel_size, modulus_type="complex_modulus", mixing_horizon=None,
-                          lowpass_only=False, wavelet_inputs=None):
+                          lowpass_only=False, wavelet_inputs=None, learn="taps"):
     """All parameters of a ScatteringBlock, computed without building it."""
     P = in_channels if wavelet_inputs is None else wavelet_inputs
-    n = wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon, lowpass_only, P)
-    n += in_channels * 4  # phi_pool: depthwise 2 x 2
+    n = wavelet_parameter_count(in_channels, L, kernel_size, mixing_horizon, lowpass_only, P, learn)
+    pools = learn != "morlet"  # 'morlet' keeps the poolings as fixed buffers
+    n += in_channels * 4 * pools  # phi_pool: depthwise 2 x 2
     if not lowpass_only:
-        n += P * L * 4  # psi_pool: depthwise 2 x 2
+        n += P * L * 4 * pools  # psi_pool: depthwise 2 x 2
         if modulus_type == "phase_relu":
             n += P * L * N_PHASES  # phase_collapse: grouped 1 x 1
     return n

@@ -176,14 +176,28 @@ def extractor_groups(model, lr, scale):
     each weight by about its lr per step, so this moves every tensor by the
     same fraction of its size: a dense block's zero-initialised off-diagonal
     entries (26 of every 27 at block 1 on RGB input) share the small step of
-    their tensor instead of each taking a full one.
+    their tensor instead of each taking a full one. Under --learn morlet the
+    Morlet parameters (angles, frequencies, log-widths: no RMS to scale by)
+    form one group at ``lr`` with no weight decay, which would pull every
+    orientation towards 0 rad and every width towards 1 px.
     """
-    params = [p for p in model.extractor_parameters()]
-    if scale == "fixed":
-        return [{"params": params, "lr": lr, "name": "extractor", "nominal_lr": lr}]
+    morlet = model.morlet_parameters()
+    taken = {id(p) for p in morlet}
+    params = [p for p in model.extractor_parameters() if id(p) not in taken]
+    groups = [{"params": morlet, "lr": lr, "weight_decay": 0.0, "name": "extractor", "nominal_lr": lr}] if morlet else []
+    if scale == "fixed" or not params:
+        return groups + ([{"params": params, "lr": lr, "name": "extractor", "nominal_lr": lr}] if params else [])
     reference = morlet_rms(model.config)
-    return [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt()) / reference, "name": "extractor",
-             "nominal_lr": lr} for p in params]
+    return groups + [{"params": [p], "lr": lr * float(p.detach().pow(2).mean().sqrt()) / reference,
+                      "name": "extractor", "nominal_lr": lr} for p in params]
+
+
+def extractor_lr_rule(args):
+    """How extractor_groups sets the blocks' learning rates, in words for the log."""
+    if args.learn == "morlet":
+        rest = f", the phase collapse {args.extractor_lr_scale}" if args.modulus_type == "phase_relu" else ""
+        return f"the Morlet parameters without weight decay{rest}"
+    return args.extractor_lr_scale
 
 
 def morlet_rms(config):
@@ -228,9 +242,12 @@ def size_results(model, loaders, seed):
             "seed": seed}
 
 
-def movement_results(model, initial_filters, world_size):
-    """How far the filters moved (filter_delta_*, filter_movement) and, under DDP, whether ranks agree."""
+def movement_results(model, initial_filters, initial_morlet, world_size):
+    """How far the filters moved (filter_delta_*, filter_movement; --learn morlet: the Morlet parameters at the
+    start and now) and, under DDP, whether ranks agree."""
     results = {**filter_deltas(initial_filters, model.wavelet_weights()), "filter_movement": model.filter_movement()}
+    if initial_morlet is not None:
+        results["morlet_parameters"] = {"initial": initial_morlet, "learnt": model.morlet_table()}
     if world_size > 1:  # DDP must have kept the unfrozen filters identical on every rank
         results["replicas_in_sync"] = replicas_agree([p.detach() for p in model.extractor_parameters()])
     return results
@@ -260,7 +277,7 @@ def fine_tune(model, initial, env, args, state):
     Records finetune_acc, the gain and how far the filters moved. initial:
     (the filters' and the blocks' parameters' values at the start).
     """
-    initial_filters, initial_extractor = initial
+    initial_filters, initial_extractor, initial_morlet = initial
     model.blocks.requires_grad_(not args.freeze_extractor)
     groups = [] if args.freeze_extractor else extractor_groups(model, args.lr_extractor, args.extractor_lr_scale)
     lr_head = args.lr_head * HEAD_FINETUNE_FACTOR if args.lr_head_finetune is None else args.lr_head_finetune
@@ -271,7 +288,7 @@ def fine_tune(model, initial, env, args, state):
     penalty = None if args.freeze_extractor else l2_sp(list(model.extractor_parameters()), initial_extractor, args.l2_sp)
     main_print("Phase B: " + ("the head alone, extractor still frozen (--freeze-extractor)" if args.freeze_extractor
                               else f"fine-tuning everything (extractor lr {args.lr_extractor:g}, "
-                                   f"{args.extractor_lr_scale}; head lr {lr_head:g})"))
+                                   f"{extractor_lr_rule(args)}; head lr {lr_head:g})"))
     warmup = phase_warmup(args.warmup_epochs, args.epochs, "Phase B", state)
     best_state, epoch = run_phase("phase_b", model, optimizer, env, args, state, os.path.join(args.save_dir, "phase_b"),
                                   args.epochs, warmup, penalty)
@@ -280,13 +297,13 @@ def fine_tune(model, initial, env, args, state):
     state.results.update(**selected, finetune_gain=selected["finetune_acc"] - state.results["head_acc"],
                          extractor_frozen=args.freeze_extractor, phase_b_warmup_epochs=warmup,
                          **phase_results("phase_b", state.curves["phase_b"], epoch),
-                         **movement_results(model, initial_filters, env.world_size))
+                         **movement_results(model, initial_filters, initial_morlet, env.world_size))
     finish_phase(state, os.path.join(args.save_dir, "phase_b"))
 
 
 def train_jointly(model, initial, env, args, state):
     """--joint: one phase trains everything from the start for --head-epochs + --epochs; records joint_acc."""
-    initial_filters, initial_extractor = initial
+    initial_filters, initial_extractor, initial_morlet = initial
     model.blocks.requires_grad_(True)
     state.results.update(size_results(model, env.data, args.seed))
     epochs = args.head_epochs + args.epochs
@@ -300,7 +317,7 @@ def train_jointly(model, initial, env, args, state):
     selected = selected_results("joint", state.curves[JOINT], epoch)
     state.results.update(**selected, joint_err=100.0 - selected["joint_acc"], joint_warmup_epochs=warmup,
                          **phase_results(JOINT, state.curves[JOINT], epoch),
-                         **movement_results(model, initial_filters, env.world_size))
+                         **movement_results(model, initial_filters, initial_morlet, env.world_size))
     finish_phase(state, os.path.join(args.save_dir, JOINT))
 
 
@@ -343,7 +360,7 @@ def experiment(args, env, last):
     config = ModelConfig.from_args(args, env.data.info)
     model = build_model(config, args.seed, env.device, args.channels_last)
     describe_run(env, model, "train.py")
-    initial = (model.wavelet_weights(), [p.detach().clone() for p in model.extractor_parameters()])
+    initial = (model.wavelet_weights(), [p.detach().clone() for p in model.extractor_parameters()], model.morlet_table())
     if args.joint:
         train_jointly(model, initial, env, args, state)
         main_print(f"done: joint_acc {state.results['joint_acc']:.2f}%; results in {state.json_path}")

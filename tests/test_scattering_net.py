@@ -3,8 +3,9 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -62,6 +63,7 @@ def test_imagenet_classifier_table(gap, lowpass_last, channels, spec_millions):
 @pytest.mark.parametrize("kwargs", [
     {}, {"modulus_type": "phase_relu"}, {"mixing_horizon": 3}, {"global_avg_pool": True},
     {"lowpass_last": True}, {"global_avg_pool": True, "lowpass_last": True, "L": 4},
+    {"learn": "morlet"}, {"learn": "morlet", "modulus_type": "phase_relu", "lowpass_last": True, "max_order": 1},
 ])
 def test_analytic_count_equals_the_built_model(kwargs):
     model = ScatteringNet(Config(**kwargs))
@@ -116,6 +118,8 @@ def test_describe_one_line_per_block():
     ({"mixing_horizon": 4}, "mixing_horizon=4 does not divide in_channels=27; valid values: [1, 3, 9, 27] "
                             "(or any value >= 27 for dense)"),
     ({"padding_mode": "wrap"}, "padding_mode must be one of ('zeros', 'reflect', 'replicate', 'circular'), got 'wrap'"),
+    ({"learn": "morlet", "mixing_horizon": 3},
+     "learn='morlet' filters each input channel on its own: mixing_horizon must be 1 (or unset), got 3"),
 ])
 def test_impossible_configurations(kwargs, message):
     with pytest.raises(ValueError) as e:
@@ -337,3 +341,21 @@ def test_the_installed_modules_are_the_model_alone(tmp_path):
                           env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "torch.Size([1, 10])"
+
+
+def test_learnt_morlet_network_plan_random_init_and_table():
+    config = Config(learn="morlet", modulus_type="phase_relu")
+    lines = ScatteringNet(config).describe()
+    assert lines[0] == "block 0: 3 -> 27 channels, 32x32 -> 16x16, 129 params (33 Morlet), grouped (3 groups of 1)"
+    torch.manual_seed(0)
+    wavelet, random = ScatteringNet(config), ScatteringNet(replace(config, init="random"))
+    assert wavelet.morlet_table()[1]["orientations"][0] == pytest.approx(
+        {"theta": 3 * np.pi / 8, "xi": 3 * np.pi / 4, "sigma": 0.8, "slant": 0.5})
+    assert random.morlet_table()[1]["orientations"][0] != wavelet.morlet_table()[1]["orientations"][0]
+    torch.testing.assert_close(random.blocks[0].phase_collapse.weight, wavelet.blocks[0].phase_collapse.weight)
+    assert len(wavelet.morlet_parameters()) == 10 and ScatteringNet(Config()).morlet_parameters() == []
+    assert ScatteringNet(Config()).morlet_table() is None
+    x = torch.randn(2, 3, 32, 32)
+    taps = ScatteringNet(replace(config, learn="taps"))
+    taps.load_state_dict({k: v for k, v in wavelet.state_dict().items() if k in taps.state_dict()}, strict=False)
+    torch.testing.assert_close(wavelet.features(x), taps.features(x), rtol=1e-5, atol=1e-5)  # the same at init

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import wavelet_kernels as wk
-from spatial_scattering import (ScatteringBlock, block_parameter_count, compose_downsampling, filter_movement,
-                                mixing_groups, output_orders)
+from spatial_scattering import (RANDOM_SIGMA, RANDOM_SLANT, RANDOM_THETA, RANDOM_XI, MorletBank, ScatteringBlock,
+                                block_parameter_count, compose_downsampling, filter_movement, mixing_groups,
+                                output_orders)
 
 
 def per_channel_scattering(x, L, K, padding_mode="zeros"):
@@ -335,3 +336,129 @@ def test_channels_last_input_gives_the_same_output(modulus_type):
     expected = block(x)
     channels_last = block.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(channels_last, expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- learn='morlet'
+
+@pytest.fixture
+def float64_default():
+    """Build modules in float64, so Morlet parameters hold the NumPy bank's values exactly."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.parametrize("L,K", [(8, 7), (4, 5), (6, 9)])
+def test_morlet_bank_at_init_is_the_numpy_bank(float64_default, L, K):
+    kernels = MorletBank(L, K).kernels()
+    bank = wk.filter_bank(L, K)
+    np.testing.assert_allclose(kernels["psi_real"].detach().numpy(), bank["psi"].real, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(kernels["psi_imag"].detach().numpy(), bank["psi"].imag, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(kernels["phi"][0].detach().numpy(), bank["phi"], rtol=0, atol=1e-15)
+
+
+def test_morlet_bank_follows_the_numpy_formula_away_from_init(float64_default):
+    bank = MorletBank(3, 7)
+    with torch.no_grad():
+        bank.theta.copy_(torch.tensor([0.3, -1.0, 2.5]))
+        bank.xi.copy_(torch.tensor([1.0, 2.0, 2.9]))
+        bank.log_sigma.copy_(torch.tensor([0.7, 1.3, 1.9]).log())
+        bank.log_slant.copy_(torch.tensor([0.6, 1.0, 1.4]).log())
+        bank.log_phi_sigma.fill_(math.log(1.2))
+    kernels = bank.kernels()
+    for l, (theta, xi, sigma, slant) in enumerate([(0.3, 1.0, 0.7, 0.6), (-1.0, 2.0, 1.3, 1.0), (2.5, 2.9, 1.9, 1.4)]):
+        psi = wk.morlet_2d(7, sigma, theta, xi, slant)
+        np.testing.assert_allclose(kernels["psi_real"][l].detach().numpy(), psi.real, rtol=0, atol=1e-14)
+        np.testing.assert_allclose(kernels["psi_imag"][l].detach().numpy(), psi.imag, rtol=0, atol=1e-14)
+    phi = wk.gabor_2d(7, 1.2, 0.0, 0.0, 1.0).real
+    np.testing.assert_allclose(kernels["phi"][0].detach().numpy(), phi / phi.sum(), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+@pytest.mark.parametrize("options", [{}, {"modulus_resolution": "full"}, {"modulus_resolution": "subsample"},
+                                     {"max_order": 1, "in_orders": (1, 2)}, {"lowpass_only": True}])
+def test_morlet_block_at_init_equals_the_taps_block(float64_default, modulus_type, padding_mode, options):
+    morlet = ScatteringBlock(3, L=4, modulus_type=modulus_type, padding_mode=padding_mode, learn="morlet", **options)
+    taps = ScatteringBlock(3, L=4, modulus_type=modulus_type, padding_mode=padding_mode, **options)
+    x = torch.randn(2, 3, 12, 10)
+    torch.testing.assert_close(morlet(x), taps(x), rtol=0, atol=1e-14)
+    torch.testing.assert_close(morlet.reference_forward(x), morlet(x), rtol=0, atol=1e-14)
+    with torch.no_grad():  # away from init the fused and the step-by-step forward still agree
+        morlet.morlet.log_phi_sigma.add_(0.2)
+        if not options.get("lowpass_only"):
+            morlet.morlet.theta.add_(0.3)
+            morlet.morlet.xi.sub_(0.5)
+    torch.testing.assert_close(morlet.reference_forward(x), morlet(x), rtol=0, atol=1e-12)
+    assert not torch.allclose(morlet(x), taps(x))
+
+
+@pytest.mark.parametrize("modulus_type", ["complex_modulus", "phase_relu"])
+def test_gradcheck_wrt_the_morlet_parameters(float64_default, modulus_type):
+    torch.manual_seed(0)
+    block = ScatteringBlock(2, L=3, kernel_size=5, modulus_type=modulus_type, learn="morlet")
+    names = [name for name, _ in block.morlet.named_parameters()]
+    x = torch.randn(1, 2, 6, 6)
+
+    def scatter(*values):
+        return torch.func.functional_call(block, {f"morlet.{n}": v for n, v in zip(names, values)}, (x,))
+
+    values = tuple(p.detach().clone().requires_grad_(True) for p in block.morlet.parameters())
+    assert torch.autograd.gradcheck(scatter, values)
+    block(x).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in block.morlet.parameters())
+
+
+def test_morlet_block_learns_only_its_parameters_and_keeps_the_poolings():
+    block = ScatteringBlock(3, L=8, modulus_type="phase_relu", learn="morlet")
+    trainable = {name: p.numel() for name, p in block.named_parameters()}
+    assert trainable == {"morlet.log_phi_sigma": 1, "morlet.theta": 8, "morlet.xi": 8, "morlet.log_sigma": 8,
+                         "morlet.log_slant": 8, "phase_collapse.weight": 3 * 8 * 4}
+    assert sum(trainable.values()) == block_parameter_count(3, 8, 7, "phase_relu", learn="morlet")
+    block.requires_grad_(True)  # what train.py does to the blocks in Phase B: the poolings stay averages
+    assert not block.psi_pool.weight.requires_grad and torch.all(block.psi_pool.weight == 0.25)
+    assert "psi_pool.weight" in block.state_dict() and "morlet.theta" in block.state_dict()
+    lowpass = ScatteringBlock(3, learn="morlet", lowpass_only=True)
+    assert [name for name, _ in lowpass.named_parameters()] == ["morlet.log_phi_sigma"]
+
+
+def test_morlet_is_per_channel_only():
+    assert ScatteringBlock(4, learn="morlet").groups == 4
+    assert ScatteringBlock(4, learn="morlet", mixing_horizon=1).groups == 4
+    with pytest.raises(ValueError, match=r"^learn='morlet' filters each input channel on its own: mixing_horizon "
+                                         r"must be 1 \(or unset\), got 2$"):
+        ScatteringBlock(4, learn="morlet", mixing_horizon=2)
+    with pytest.raises(ValueError, match=r"^learn must be one of \('taps', 'morlet'\), got 'gabor'$"):
+        ScatteringBlock(4, learn="gabor")
+
+
+def test_random_morlet_parameters_lie_in_their_documented_ranges():
+    torch.manual_seed(0)
+    block = ScatteringBlock(3, L=64, learn="morlet")
+    block.reset_random()
+    table = block.morlet.parameter_table()["orientations"]
+    for key, (low, high) in {"theta": RANDOM_THETA, "xi": RANDOM_XI, "sigma": RANDOM_SIGMA,
+                             "slant": RANDOM_SLANT}.items():
+        values = np.array([row[key] for row in table])
+        assert values.min() >= low - 1e-6 and values.max() <= high + 1e-6, key
+        assert values.max() - values.min() > 0.5 * (high - low), key  # spread over the range, not one value
+    assert block.morlet.parameter_table()["phi_sigma"] == pytest.approx(wk.SIGMA_0)
+    torch.manual_seed(0)
+    again = ScatteringBlock(3, L=64, learn="morlet")
+    again.reset_random()
+    torch.testing.assert_close(again.morlet.theta, block.morlet.theta)  # the seed fixes the draw
+
+
+def test_morlet_filters_are_made_once_while_nothing_changes():
+    block = ScatteringBlock(3, learn="morlet", learnable=False)
+    first = block.morlet.kernels()
+    assert block.morlet.kernels() is first  # frozen: cached
+    with torch.no_grad():
+        block.morlet.xi.add_(0.1)  # an in-place step bumps the version: made anew
+    assert block.morlet.kernels() is not first
+    block.requires_grad_(True)
+    assert block.morlet.kernels() is not block.morlet.kernels()  # training: a fresh graph every call
+    with torch.no_grad():
+        cached = block.morlet.kernels()
+        assert block.morlet.kernels() is cached and not cached["psi_real"].requires_grad

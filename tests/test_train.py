@@ -305,6 +305,8 @@ def fingerprint(folder):
     (["--kernel-size", "1"], "error: kernel size K must be an odd integer >= 3 (the grid is centred on 0; a 1 x 1 wavelet "
                               "is zero once its mean is removed), got 1"),
     (["--lr-head", "0"], "error: --lr-head must be > 0 and --lr-extractor >= 0, got 0 and 0.001"),
+    (["--learn", "morlet", "--mixing-horizon", "3"],
+     "error: learn='morlet' filters each input channel on its own: mixing_horizon must be 1 (or unset), got 3"),
     (["--seed", "-1"], "error: --seed must be >= 0, got -1"),
     pytest.param(["--device", "cuda"], "error: --device cuda: CUDA is not available on this machine",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
@@ -460,6 +462,21 @@ def test_rms_scaled_extractor_learning_rates():
         g["lr"] for g in groups if g["params"][0] is block0_psi)
     assert ratio == pytest.approx((3 / 15) ** 0.5, rel=1e-6)  # 1 in 15 vs 1 in 3 entries non-zero
     assert train.extractor_groups(model, 1e-4, "fixed")[0]["lr"] == 1e-4
+
+
+def test_morlet_parameters_train_without_weight_decay_and_are_reported(tmp_path):
+    model = ScatteringNet(ModelConfig(L=4, modulus_type="phase_relu", learn="morlet"))
+    groups = train.extractor_groups(model, 1e-2, "rms")
+    assert groups[0]["params"] == model.morlet_parameters() and groups[0]["weight_decay"] == 0.0
+    assert groups[0]["lr"] == 1e-2 and len(groups) == 1 + 2  # then each phase collapse by its RMS
+    results = train_in_process(*SMALL, "--learn", "morlet", "--lr-extractor", "1e-2", "--save-dir", str(tmp_path))
+    morlet = results["morlet_parameters"]
+    assert morlet["initial"][0]["orientations"][0] == pytest.approx(
+        {"theta": np.pi / 4, "xi": 3 * np.pi / 4, "sigma": 0.8, "slant": 1.0})  # L = 4: slant 4 / L
+    moved = [abs(a["theta"] - b["theta"]) for a, b in zip(morlet["initial"][0]["orientations"],
+                                                          morlet["learnt"][0]["orientations"])]
+    assert max(moved) > 1e-3 and results["filter_delta_relative"] > 0  # the filters moved as Morlet wavelets
+    assert results["n_params_extractor"] == 1 + 4 * 4 + 3 * 4 * 4  # bank, phase collapse; no pooling weights
 
 
 def test_phase_b_continues_the_heads_adamw_moments(finished_run):
