@@ -476,7 +476,7 @@ def test_morlet_parameters_train_without_weight_decay_and_are_reported(tmp_path)
     moved = [abs(a["theta"] - b["theta"]) for a, b in zip(morlet["initial"][0]["orientations"],
                                                           morlet["learnt"][0]["orientations"])]
     assert max(moved) > 1e-3 and results["filter_delta_relative"] > 0  # the filters moved as Morlet wavelets
-    assert results["n_params_extractor"] == 1 + 4 * 4 + 3 * 4 * 4  # bank, phase collapse; no pooling weights
+    assert results["n_params_extractor"] == 1 + 4 * 4  # the bank alone: no pooling weights
 
 
 def test_phase_b_continues_the_heads_adamw_moments(finished_run):
