@@ -45,7 +45,11 @@ IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # the usual 0.875 centre-crop ratio
 
 # Random streams, told apart by the last key of stream_seed: an epoch's shuffle and augmentation, and the
 # draw of the held-out validation split (its own stream, so it does not move when --train-size changes).
-SHUFFLE_STREAM, AUGMENT_STREAM, HOLDOUT_STREAM = 0, 1, 2
+SHUFFLE_STREAM, AUGMENT_STREAM, HOLDOUT_STREAM, AUTOAUGMENT_STREAM = 0, 1, 2, 3
+# --augment: the training augmentation. crop-flip: the dataset's random crop and flip (INFO); autoaugment:
+# those, then torchvision's AutoAugment with its CIFAR-10 policy (Cubuk et al., "AutoAugment", CVPR 2019) per
+# image, the small-data protocol of Gauthier et al. (CVPR 2022); none: the images as they are.
+AUGMENTATIONS = ("crop-flip", "autoaugment", "none")
 # --select val's held-out split by default: this share of the training pool, at most HOLDOUT_MAX images
 # (the usual 90/10 split, capped so that ImageNet's stays a 5,000-image evaluation per epoch).
 HOLDOUT_SHARE, HOLDOUT_MAX = 0.1, 5000
@@ -610,6 +614,20 @@ def random_crop_flip(images, padding, flip, generator=None):
     return images
 
 
+def auto_augment(images, seed):
+    """AutoAugment (torchvision, CIFAR-10 policy) drawn per image of a uint8 batch (B, C, H, W), on its device.
+
+    torchvision draws from torch's global generator: here it is seeded with
+    ``seed`` inside ``fork_rng``, so the draws are a function of the caller's
+    stream (a resumed run repeats them) and the global state is left as it was.
+    """
+    import torchvision.transforms as T
+    policy = T.AutoAugment(T.AutoAugmentPolicy.CIFAR10)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return torch.stack([policy(image) for image in images])  # (B, C, H, W), one policy draw per image
+
+
 class TensorLoader:
     """Batches of an in-memory uint8 dataset held on the training device.
 
@@ -619,7 +637,8 @@ class TensorLoader:
     normalises to float32.
     """
 
-    def __init__(self, images, labels, info, batch_size, device, train, seed=0, rank=0, world_size=1):
+    def __init__(self, images, labels, info, batch_size, device, train, seed=0, rank=0, world_size=1,
+                 augment="crop-flip"):
         self.images = images.to(device)
         self.labels = labels.to(device)
         self.mean = torch.tensor(info.mean, device=device).view(1, -1, 1, 1) * 255  # (C,) -> (1, C, 1, 1)
@@ -627,6 +646,7 @@ class TensorLoader:
         self.info, self.batch_size, self.device, self.train = info, batch_size, torch.device(device), train
         self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
         self.generator = torch.Generator(device=self.device)
+        self.auto_augment = augment == "autoaugment"
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -648,11 +668,13 @@ class TensorLoader:
 
     def __iter__(self):
         self.generator.manual_seed(stream_seed(self.seed, self.epoch, self.rank, AUGMENT_STREAM))
-        for batch in self._indices().split(self.batch_size):
-            x = self.images[batch].float()
+        for i, batch in enumerate(self._indices().split(self.batch_size)):
+            x = self.images[batch]  # uint8 (B, C, H, W)
             if self.train:
                 x = random_crop_flip(x, self.info.crop_padding, self.info.flip, self.generator)
-            yield (x - self.mean) / self.std, self.labels[batch]
+                if self.auto_augment:
+                    x = auto_augment(x, stream_seed(self.seed, self.epoch, self.rank, i, AUTOAUGMENT_STREAM))
+            yield (x.float() - self.mean) / self.std, self.labels[batch]
 
 
 # ----------------------------------------------------------------------------- DataLoader path
@@ -670,14 +692,16 @@ class TensorImageDataset(torch.utils.data.Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def torchvision_transforms(info, train):
-    """The spec's augmentation table as torchvision transforms on uint8 tensors."""
+def torchvision_transforms(info, train, augment="crop-flip"):
+    """The augmentation table (INFO; --augment) as torchvision transforms on uint8 tensors."""
     import torchvision.transforms as T
     steps = []
     if train and info.crop_padding:
         steps.append(T.RandomCrop(info.spatial, padding=info.crop_padding))
     if train and info.flip:
         steps.append(T.RandomHorizontalFlip())
+    if train and augment == "autoaugment":
+        steps.append(T.AutoAugment(T.AutoAugmentPolicy.CIFAR10))
     steps += [T.ConvertImageDtype(torch.float32), T.Normalize(info.mean, info.std)]
     return T.Compose(steps)
 
@@ -739,7 +763,7 @@ class Transformed(torch.utils.data.Dataset):
 
 
 def build_loaders(name, data_dir, train_size, batch_size, device, fast_path=None, workers=4, seed=0, rank=0,
-                  world_size=1, augment=True, image_size=None, holdout=False, val_size=None):
+                  world_size=1, augment="crop-flip", image_size=None, holdout=False, val_size=None):
     """Train, held-out validation and test loaders (per-rank batch_size) with the dataset's facts, as ``Loaders``.
 
     fast_path None: on for the datasets held in memory (on CPU too, where it
@@ -747,27 +771,33 @@ def build_loaders(name, data_dir, train_size, batch_size, device, fast_path=None
     ImageNet and folders too big for memory. The subsets depend only on
     (dataset, train_size, val_size, seed), so every rank draws the same ones
     (split_pool). holdout: carve a validation split out of the training pool
-    (val None without it). augment=False trains on the images as they are
-    (no crop, no flip; in-memory datasets only): the protocol of the usual
-    fixed-scattering + linear baselines.
+    (val None without it). augment (AUGMENTATIONS): 'none' trains on the
+    images as they are (no crop, no flip; in-memory datasets only), the
+    protocol of the usual fixed-scattering + linear baselines; 'autoaugment'
+    adds AutoAugment after the crop and flip (not ImageNet's pipeline).
     """
-    if not augment and name not in IN_MEMORY:
-        raise DatasetError(f"--no-augment is for the in-memory datasets {IN_MEMORY}, not {name}")
+    if augment not in AUGMENTATIONS:
+        raise DatasetError(f"--augment must be one of {AUGMENTATIONS}, got {augment!r}")
+    if augment == "none" and name not in IN_MEMORY:
+        raise DatasetError(f"--augment none (--no-augment) is for the in-memory datasets {IN_MEMORY}, not {name}")
+    if augment == "autoaugment" and name == "imagenet":
+        raise DatasetError("--augment autoaugment uses the CIFAR-10 policy: not for imagenet (its pipeline is "
+                           "RandomResizedCrop + flip)")
     if fast_path and name not in IN_MEMORY:
         raise DatasetError(f"the in-memory fast path supports {IN_MEMORY}, not {name}")
     train, test, info = load_dataset(name, data_dir, seed, image_size)
     in_memory = isinstance(train, tuple)
-    if (fast_path or not augment) and not in_memory:
+    if (fast_path or augment == "none") and not in_memory:
         raise DatasetError(f"{data_dir} is too large to hold in memory ({FOLDER_MEMORY_SHARE:.0%} of the RAM at most): "
                            f"--fast-path and --no-augment need it there")
-    if not augment:
+    if augment == "none":
         info = replace(info, crop_padding=0, flip=False)
     subset, held = split_pool(dataset_labels(train), train_size, seed, holdout, val_size)
     fast_path = in_memory if fast_path is None else fast_path
     sizes = (len(subset), len(held), len(dataset_labels(test)))
     if fast_path:
         def loader(images, labels, training):
-            return TensorLoader(images, labels, info, batch_size, device, training, seed, rank, world_size)
+            return TensorLoader(images, labels, info, batch_size, device, training, seed, rank, world_size, augment)
         return Loaders(loader(train[0][subset], train[1][subset], True),
                        loader(train[0][held], train[1][held], False) if holdout else None,
                        loader(*test, False), info, *sizes)
@@ -777,12 +807,12 @@ def build_loaders(name, data_dir, train_size, batch_size, device, fast_path=None
         train_ds, held_ds, test_ds = (torch.utils.data.Subset(train, subset.tolist()),
                                       torch.utils.data.Subset(untransformed, held.tolist()), test)
     elif in_memory:
-        train_ds = TensorImageDataset(train[0][subset], train[1][subset], torchvision_transforms(info, train=True))
+        train_ds = TensorImageDataset(train[0][subset], train[1][subset], torchvision_transforms(info, True, augment))
         held_ds = TensorImageDataset(train[0][held], train[1][held], torchvision_transforms(info, train=False))
         test_ds = TensorImageDataset(*test, torchvision_transforms(info, train=False))
     else:
         evaluation = torchvision_transforms(info, train=False)
-        train_ds = Transformed(torch.utils.data.Subset(train, subset.tolist()), torchvision_transforms(info, train=True))
+        train_ds = Transformed(torch.utils.data.Subset(train, subset.tolist()), torchvision_transforms(info, True, augment))
         held_ds = Transformed(torch.utils.data.Subset(train, held.tolist()), evaluation)
         test_ds = Transformed(test, evaluation)
 

@@ -48,6 +48,8 @@ DEFAULT_SELECT = "val"
 # The value of a flag in a run recorded before the flag existed, where it is not the parser's default:
 # every run before --select chose its epochs on the test split.
 LEGACY_FLAGS = {"select": "test"}
+# Values a flag took before it changed type: --augment was on/off (--no-augment) before its choices existed.
+LEGACY_VALUES = {"augment": {True: "crop-flip", False: "none"}}
 # A resumed or branched run that leaves one of these flags out takes the saved run's value.
 INHERITED_FLAGS = ("seed", "select", "val_size")
 # Per-epoch keys of a run recorded before --select: its val_* columns were measured on the test split.
@@ -82,9 +84,12 @@ def add_data_args(parser, default_dataset="cifar10"):
     group.add_argument("--image-size", type=int, default=None,
                        help="--dataset folder: resize + centre-crop every image to this size; default: the first "
                             "training image's")
-    group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                       help="the training augmentation (random crop, flip where the dataset has it); "
-                            "--no-augment: none (in-memory datasets)")
+    group.add_argument("--augment", choices=data.AUGMENTATIONS, default=data.AUGMENTATIONS[0],
+                       help="the training augmentation: crop-flip, the random crop and flip (where the dataset has "
+                            "it); autoaugment, those then AutoAugment's CIFAR-10 policy per image; none (in-memory "
+                            "datasets)")
+    group.add_argument("--no-augment", dest="augment", action="store_const", const="none",
+                       help="the same as --augment none")
     selection = parser.add_argument_group("model selection")
     selection.add_argument("--select", choices=SELECT_RULES, default=None,
                            help="the epoch each phase reports (test accuracy) and keeps as best.pth: val, the best "
@@ -456,6 +461,14 @@ def find_last_checkpoint(args):
     return last
 
 
+def saved_value(config, key, defaults):
+    """A flag's value in a recorded config, read as today's parser would have it: a flag the run lacks at its
+    LEGACY_FLAGS value, else its default; an older spelling of a value (LEGACY_VALUES) translated."""
+    value = config.get(key, LEGACY_FLAGS.get(key, defaults.get(key)))
+    legacy = LEGACY_VALUES.get(key, {})
+    return legacy[value] if isinstance(value, bool) and value in legacy else value
+
+
 def run_settings(config, defaults):
     """What a run computes, from its recorded config or a command's parsed flags, comparable across both.
 
@@ -464,7 +477,7 @@ def run_settings(config, defaults):
     default; flags resolved at start (--select, --head-epochs, the sizes)
     are resolved the same way; RUN_KEYS left out.
     """
-    settings = {k: config.get(k, LEGACY_FLAGS.get(k, defaults.get(k))) for k in {**defaults, **config}}
+    settings = {k: saved_value(config, k, defaults) for k in {**defaults, **config}}
     settings["select"] = settings["select"] or DEFAULT_SELECT
     settings["head_epochs"] = settings["head_epochs"] or settings["epochs"]
     for key, flag in (("train_size", "--train-size"), ("val_size", "--val-size")):
@@ -484,7 +497,7 @@ def check_same_flags(saved, args, what, defaults, ignored=()):
     ignored = {*RUNTIME_FLAGS, *ignored}
     current = vars(args)
     # a flag newer than the run: its legacy value, else its default
-    saved = {k: saved.get(k, LEGACY_FLAGS.get(k, defaults.get(k))) for k in current}
+    saved = {k: saved_value(saved, k, defaults) for k in current}
     differ = [k for k in current if k not in ignored and saved[k] != current[k]]
     if differ:
         die(f"{what}: " + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)!r} (now {current[k]!r})" for k in differ))

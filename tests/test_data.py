@@ -245,7 +245,7 @@ def test_build_loaders_subset_and_paths():
 
 @pytest.mark.parametrize("fast_path", [True, False])
 def test_no_augment_trains_on_the_images_as_they_are(fast_path):
-    plain = data.build_loaders("synthetic", "unused", 200, 50, "cpu", fast_path=fast_path, workers=0, augment=False)
+    plain = data.build_loaders("synthetic", "unused", 200, 50, "cpu", fast_path=fast_path, workers=0, augment="none")
     augmented = data.build_loaders("synthetic", "unused", 200, 50, "cpu", fast_path=fast_path, workers=0)
     (train, _), _, info = data.load_dataset("synthetic", "unused")
     lookup = {img.numpy().tobytes() for img in train}  # every un-augmented training image, as uint8
@@ -261,8 +261,8 @@ def test_no_augment_trains_on_the_images_as_they_are(fast_path):
 
 
 def test_no_augment_is_for_in_memory_sets():
-    with pytest.raises(data.DatasetError, match=r"--no-augment is for the in-memory datasets .*, not imagenet"):
-        data.build_loaders("imagenet", "unused", None, 50, "cpu", augment=False)
+    with pytest.raises(data.DatasetError, match=r"--augment none \(--no-augment\) is for the in-memory datasets .*, not imagenet"):
+        data.build_loaders("imagenet", "unused", None, 50, "cpu", augment="none")
 
 
 def make_folder(root, classes=("cat", "dog", "frog"), per_class=(4, 2), size=12, mode="RGB", seed=0):
@@ -465,3 +465,37 @@ def test_a_looping_link_and_a_single_class_are_one_line(tmp_path):
     with pytest.raises(data.DatasetError) as e:
         data.dataset_info("folder", str(tmp_path))
     assert str(e.value) == f"cannot read {tmp_path}/train/loop (Too many levels of symbolic links)"
+
+
+def test_auto_augment_draws_a_policy_per_image_from_the_callers_stream():
+    image = data.synthetic_textures(1, seed=0)[0][0]  # (3, 32, 32) uint8
+    batch = image.expand(64, -1, -1, -1)
+    before = torch.random.get_rng_state()
+    out = data.auto_augment(batch, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global generator is left as it was
+    assert out.shape == batch.shape and out.dtype == torch.uint8
+    distinct = {x.numpy().tobytes() for x in out}
+    assert len(distinct) > 16  # one draw per image, not one per batch
+    assert torch.equal(data.auto_augment(batch, seed=7), out) and not torch.equal(data.auto_augment(batch, 8), out)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_autoaugment_loaders_repeat_per_epoch_and_differ_from_crop_flip(fast_path):
+    def first_batch(augment, epoch=0):
+        loaders = data.build_loaders("synthetic", "unused", 200, 50, "cpu", fast_path=fast_path,
+                                     workers=0 if fast_path else 1, augment=augment)  # a worker seeded per epoch
+        loaders.train.set_epoch(epoch)
+        return next(iter(loaders.train))[0]
+
+    auto = first_batch("autoaugment")
+    assert torch.equal(auto, first_batch("autoaugment"))  # a function of (seed, epoch): resumes repeat it
+    assert not torch.equal(auto, first_batch("autoaugment", epoch=1))
+    assert not torch.equal(auto, first_batch("crop-flip"))
+
+
+def test_augment_errors():
+    with pytest.raises(data.DatasetError, match=r"^--augment must be one of \('crop-flip', 'autoaugment', 'none'\), "
+                                                r"got 'mixup'$"):
+        data.build_loaders("synthetic", "unused", 200, 50, "cpu", augment="mixup")
+    with pytest.raises(data.DatasetError, match=r"^--augment autoaugment uses the CIFAR-10 policy: not for imagenet"):
+        data.build_loaders("imagenet", "unused", None, 50, "cpu", augment="autoaugment")

@@ -882,3 +882,12 @@ def test_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypat
     assert exit_2_message(capsys, *SMALL, "--save-dir", str(tmp_path / "run"), "--tensorboard") == [
         "error: --tensorboard needs the tensorboard package: pip install -r requirements-optional.txt"]
     assert not (tmp_path / "run").exists()
+
+
+def test_augment_choices_and_the_old_on_off_flag_are_read_alike():
+    parse = train.get_args_parser().parse_args
+    assert parse(["--no-augment"]).augment == "none" and parse([]).augment == "crop-flip"
+    assert parse(["--augment", "autoaugment"]).augment == "autoaugment"
+    now = train.run_settings(vars(parse(["--augment", "none"])))
+    before = train.run_settings({**vars(parse([])), "augment": False})  # a run recorded with --no-augment
+    assert before == now and train.run_settings({**vars(parse([])), "augment": True})["augment"] == "crop-flip"
