@@ -471,6 +471,8 @@ def filters_plot_name(checkpoint, results_dir):
 
 def report_filters(plt, checkpoint, plots_dir, results_dir, trusted=False):
     model, initial = model_from_checkpoint(checkpoint, trusted)
+    if not len(model.blocks):
+        die(f"--filters: {checkpoint} is the CNN alone (--n-blocks 0): it has no wavelets to draw")
     block = model.blocks[0]
     if block.lowpass_only:
         die(f"--filters: block 0 of {checkpoint} is low-pass only: it has no wavelets to draw")

@@ -42,8 +42,8 @@ def fit_single_phase(phase, model, env, args, save_dir):
     returns (that epoch's test accuracy, the epoch, the per-epoch curves).
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = runner.adamw([{"params": params, "lr": args.lr, "name": "all", "nominal_lr": args.lr}],
-                            args.weight_decay)
+    group = {"params": params, "lr": args.lr, "name": "all", "nominal_lr": args.lr}
+    optimizer = runner.make_optimizer("adamw", [group], args.weight_decay)
     state = runner.RunState(vars(args), json_path=None, curves={phase: []})
     state.begin_session(env.device, env.world_size)
     _, epoch = runner.run_phase(phase, model, optimizer, env, args, state, save_dir, args.epochs)

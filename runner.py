@@ -63,6 +63,9 @@ RUN_KEYS = (*RUNTIME_FLAGS, "seed", "save_dir", "data_dir", "fast_path", "from_p
 # --tensorboard: the event files' folder inside --save-dir, and how often block 0's filters are drawn (epochs).
 TENSORBOARD_DIR = "tensorboard"
 FILTER_IMAGE_EVERY = 5
+# --optimizer: AdamW or SGD; SGD's momentum is the WRN paper's (and torchvision's CIFAR and ImageNet recipes').
+OPTIMIZERS = ("adamw", "sgd")
+SGD_MOMENTUM = 0.9
 # A warm-up as long as its phase never reaches the cosine: it is clamped to this share of the phase.
 WARMUP_MAX_SHARE = 1 / 3
 # Exit code of a run stopped by a NaN or infinite loss (README.md, "Failures and recovery").
@@ -125,7 +128,9 @@ def add_runtime_args(parser):
 
 def check_common_args(args, batch_size, world_size):
     """Everything that can be wrong with the shared flags, before anything is loaded or written."""
-    positive = {"--epochs": args.epochs, "--patience": args.patience, "--n-blocks": args.n_blocks, "--L": args.L}
+    positive = {"--epochs": args.epochs, "--patience": args.patience, "--L": args.L}
+    if args.n_blocks < (0 if args.head == "cnn" else 1):  # 0: the CNN head alone on the image
+        die(f"--n-blocks must be >= 1 (or 0 with --head cnn: the CNN alone), got {args.n_blocks}")
     positive.update({flag: value for flag, value in (("--head-epochs", getattr(args, "head_epochs", None)),
                                                      ("--image-size", args.image_size)) if value is not None})
     for flag, value in positive.items():
@@ -261,7 +266,8 @@ class TensorBoardLog:
                 self.writer.add_scalar(f"{phase}/{key}", value, step)
         for j, moved in enumerate(model.filter_movement()):
             self.writer.add_scalar(f"{phase}/filter_movement_block{j}", moved["relative_l2"], step)
-        psi_real = model.blocks[0].filter_convs().get("psi_real")  # None: a low-pass-only block
+        # None: a low-pass-only block, or no block at all (the CNN alone)
+        psi_real = model.blocks[0].filter_convs().get("psi_real") if len(model.blocks) else None
         if psi_real is not None and (step == 1 or step % FILTER_IMAGE_EVERY == 0):
             psi = psi_real.weight.detach().float().cpu().flatten(0, 1).unsqueeze(1)  # (out, in/g, K, K) -> (n, 1, K, K)
             low, high = psi.amin(dim=(1, 2, 3), keepdim=True), psi.amax(dim=(1, 2, 3), keepdim=True)
@@ -561,7 +567,15 @@ def finish_phase(state, ckpt_dir):
 # ----------------------------------------------------------------------------- the epoch loop
 
 
-def adamw(groups, weight_decay):
+def make_optimizer(kind, groups, weight_decay):
+    """--optimizer over param groups that each carry their lr (a group's own weight_decay wins over the default).
+
+    'adamw': AdamW (Loshchilov & Hutter, ICLR 2019), every arm's default. 'sgd': SGD with Nesterov momentum
+    SGD_MOMENTUM, what wide residual networks are trained with (Zagoruyko & Komodakis, BMVC 2016).
+    """
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=SGD_MOMENTUM, nesterov=True,
+                               weight_decay=weight_decay)
     return torch.optim.AdamW(groups, weight_decay=weight_decay)
 
 

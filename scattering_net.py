@@ -29,6 +29,16 @@ from spatial_scattering import (LEARN_MODES, MODULUS_RESOLUTIONS, MODULUS_TYPES,
 TRAINING_BYTES_PER_PARAM = 16
 # How the block weights start: the scattering transform's filters, or PyTorch's default initialisation.
 INITS = ("wavelet", "random")
+# The classifier on the last block's output: BN + linear, or a wide residual network (WideResNet).
+HEADS = ("linear", "cnn")
+# A wide residual network's stages (Zagoruyko & Komodakis, "Wide Residual Networks", BMVC 2016): the
+# stem's width, each stage's width per unit of --head-width, each stage's stride, and the depth it
+# counts besides its residual blocks (stem conv, final linear and the two shortcut convs: depth = 6n + 4).
+WRN_STEM_WIDTH = 16
+WRN_STAGE_WIDTHS = (16, 32, 64)
+WRN_STAGE_STRIDES = (1, 2, 2)
+WRN_EXTRA_DEPTH = 4
+WRN_CONVS_PER_BLOCK = 2
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,9 @@ class ModelConfig:
     max_order: Optional[int] = None
     modulus_resolution: str = "half"
     learn: str = "taps"
+    head: str = "linear"
+    head_depth: int = 16
+    head_width: int = 8
 
     @classmethod
     def from_args(cls, args, info=None):
@@ -130,6 +143,12 @@ def add_model_args(parser):
                             "default (Kaiming-uniform) init of every block weight, same shapes")
     group.add_argument("--random-init", dest="init", action="store_const", const="random",
                        help="the same as --init random")
+    group.add_argument("--head", default=d.head, choices=HEADS,
+                       help="linear: BatchNorm + linear classifier; cnn: a wide residual network (pre-activation, "
+                            "three stages) on the scattering coefficients, or on the image with --n-blocks 0 (the "
+                            "CNN alone, trained with --joint)")
+    group.add_argument("--head-depth", type=int, default=d.head_depth, help="--head cnn: depth 6n + 4 (WRN-d-k)")
+    group.add_argument("--head-width", type=int, default=d.head_width, help="--head cnn: widening factor k")
     group.add_argument("--learn", default=d.learn, choices=LEARN_MODES,
                        help="taps: every K x K filter tap trains; morlet: each orientation's Morlet parameters "
                             "(orientation, frequency, width, slant) and the low-pass width train, the filters stay "
@@ -147,7 +166,13 @@ def plan_blocks(config):
     padding also needs more input pixels than the kernel's half-width.
     """
     c = config
-    for name in ("n_blocks", "in_channels", "in_spatial", "L"):
+    if c.head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {c.head!r}")
+    if c.n_blocks == 0 and c.head == "cnn":  # the CNN alone: no scattering block
+        return []
+    if not isinstance(c.n_blocks, int) or c.n_blocks < 1:
+        raise ValueError(f"n_blocks must be a positive integer (or 0 with head='cnn': the CNN alone), got {c.n_blocks!r}")
+    for name in ("in_channels", "in_spatial", "L"):
         _positive_int(name, getattr(c, name))
     check_kernel_size(c.kernel_size)
     smallest = c.in_spatial // 2 ** (c.n_blocks - 1)  # the last block's input size
@@ -186,39 +211,126 @@ def plan_blocks(config):
     return plans
 
 
+def wrn_blocks_per_stage(depth):
+    """Residual blocks per stage of a WRN of ``depth`` = 6n + 4; ValueError otherwise."""
+    n, rest = divmod(depth - WRN_EXTRA_DEPTH, len(WRN_STAGE_WIDTHS) * WRN_CONVS_PER_BLOCK) if isinstance(depth, int) \
+        else (0, 1)
+    if n < 1 or rest:
+        raise ValueError(f"head_depth must be 6n + 4 for n >= 1 (10, 16, 22, 28, ...), got {depth!r}")
+    return n
+
+
+def wrn_parameter_count(in_channels, nb_classes, depth, width):
+    """Parameters of WideResNet(in_channels, nb_classes, depth, width), computed without building it."""
+    n, count = wrn_blocks_per_stage(depth), 2 * in_channels + 9 * in_channels * WRN_STEM_WIDTH  # input BN, stem
+    channels = WRN_STEM_WIDTH
+    for stage_width, stride in zip(WRN_STAGE_WIDTHS, WRN_STAGE_STRIDES):
+        out = stage_width * width
+        for b in range(n):
+            count += 2 * channels + 9 * channels * out + 2 * out + 9 * out * out  # BN, conv, BN, conv
+            if channels != out or (b == 0 and stride != 1):
+                count += channels * out  # 1 x 1 shortcut
+            channels = out
+    return count + 2 * channels + channels * nb_classes + nb_classes  # final BN, linear
+
+
 def count_parameters(config):
     """Parameter counts of a ModelConfig, computed analytically (no weight is allocated).
 
     Returns a dict: ``blocks`` (list of BlockPlan), ``classifier_channels``,
     ``classifier_spatial``, ``classifier_in``, ``n_params_classifier``
-    (Linear), ``n_params_head`` (BatchNorm + Linear), ``n_params_extractor``,
-    ``n_params_total``, ``nb_classes``.
+    (Linear; the whole WRN for head='cnn'), ``n_params_head`` (BatchNorm +
+    Linear, or the WRN), ``n_params_extractor``, ``n_params_total``,
+    ``nb_classes``, ``head``.
     """
     _positive_int("nb_classes", config.nb_classes)
     blocks = plan_blocks(config)
-    channels = blocks[-1].out_channels
+    channels = blocks[-1].out_channels if blocks else config.in_channels
+    extractor = sum(b.params for b in blocks)
+    if config.head == "cnn":
+        for name in ("in_channels", "in_spatial", "head_width"):
+            _positive_int(name, getattr(config, name))
+        n_head = wrn_parameter_count(channels, config.nb_classes, config.head_depth, config.head_width)
+        return {"blocks": blocks, "classifier_channels": channels, "classifier_spatial": None,
+                "classifier_in": channels, "n_params_classifier": n_head, "n_params_head": n_head,
+                "n_params_extractor": extractor, "n_params_total": extractor + n_head,
+                "nb_classes": config.nb_classes, "head": config.head}
     spatial = 1 if config.global_avg_pool else blocks[-1].out_spatial
     classifier_in = channels * spatial * spatial
     linear = classifier_in * config.nb_classes + config.nb_classes
     head = linear + 2 * channels  # BatchNorm2d: weight and bias per channel
-    extractor = sum(b.params for b in blocks)
     return {"blocks": blocks, "classifier_channels": channels, "classifier_spatial": spatial,
             "classifier_in": classifier_in, "n_params_classifier": linear, "n_params_head": head,
-            "n_params_extractor": extractor, "n_params_total": extractor + head, "nb_classes": config.nb_classes}
+            "n_params_extractor": extractor, "n_params_total": extractor + head, "nb_classes": config.nb_classes,
+            "head": config.head}
 
 
 def describe_plan(plan, trainable=None):
     """The start-up table of a configuration (count_parameters' dict): one line per block, head, total."""
-    pooled = ", global average pool" if plan["classifier_spatial"] == 1 else ""
     trains = f", {trainable:,} trainable" if trainable is not None else ""
+    if plan["head"] == "cnn":
+        source = "the scattering coefficients" if plan["blocks"] else "the image (no scattering block)"
+        head = (f"head: wide residual network on {source} ({plan['classifier_channels']:,} channels), "
+                f"{plan['n_params_head']:,} params")
+    else:
+        pooled = ", global average pool" if plan["classifier_spatial"] == 1 else ""
+        head = (f"head: BatchNorm2d({plan['classifier_channels']:,}){pooled} -> Linear({plan['classifier_in']:,} -> "
+                f"{plan['nb_classes']}), {plan['n_params_head']:,} params")
     return [b.describe() for b in plan["blocks"]] + [
-        f"head: BatchNorm2d({plan['classifier_channels']:,}){pooled} -> Linear({plan['classifier_in']:,} -> "
-        f"{plan['nb_classes']}), {plan['n_params_head']:,} params",
-        f"total: {plan['n_params_total']:,} params ({plan['n_params_extractor']:,} extractor{trains})"]
+        head, f"total: {plan['n_params_total']:,} params ({plan['n_params_extractor']:,} extractor{trains})"]
+
+
+class WideBlock(nn.Module):
+    """Pre-activation residual block of a WRN: BN-ReLU-conv3x3(stride)-BN-ReLU-conv3x3, plus the input (a 1 x 1
+    strided convolution of it when the width or the resolution changes)."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(in_channels), nn.BatchNorm2d(out_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.shortcut = (nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+                         if in_channels != out_channels or stride != 1 else None)
+
+    def forward(self, x):
+        a = torch.relu(self.bn1(x))
+        y = self.conv2(torch.relu(self.bn2(self.conv1(a))))
+        return y + (x if self.shortcut is None else self.shortcut(a))
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width (Zagoruyko & Komodakis, BMVC 2016) on (B, C, H, W): input BatchNorm, a 3 x 3 stem to
+    WRN_STEM_WIDTH channels, three stages of (depth - 4) / 6 WideBlocks at WRN_STAGE_WIDTHS x width and strides
+    WRN_STAGE_STRIDES, BN-ReLU, global average pooling, linear. On scattering coefficients it is the hybrid
+    network of Oyallon et al. ("Scattering Networks for Hybrid Representation Learning", PAMI 2018); on the
+    image (no block), the CNN alone. WRN-16-8 on RGB images has 10,961,376 parameters: the paper's
+    10,961,370 (its "11.0M") and the input BatchNorm's 6."""
+
+    def __init__(self, in_channels, nb_classes, depth=16, width=8):
+        super().__init__()
+        n = wrn_blocks_per_stage(depth)
+        self.bn_in = nn.BatchNorm2d(in_channels)
+        self.stem = nn.Conv2d(in_channels, WRN_STEM_WIDTH, 3, padding=1, bias=False)
+        stages, channels = [], WRN_STEM_WIDTH
+        for stage_width, stride in zip(WRN_STAGE_WIDTHS, WRN_STAGE_STRIDES):
+            for b in range(n):
+                stages.append(WideBlock(channels, stage_width * width, stride if b == 0 else 1))
+                channels = stage_width * width
+        self.stages = nn.Sequential(*stages)
+        self.bn_out = nn.BatchNorm2d(channels)
+        self.classifier = nn.Linear(channels, nb_classes)
+        for m in self.modules():  # He et al. (ICCV 2015) for the ReLU convolutions, as the WRN paper
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        y = torch.relu(self.bn_out(self.stages(self.stem(self.bn_in(x)))))  # (B, 64k, H/4, W/4)
+        return self.classifier(y.mean((-2, -1)))  # global average pool: (B, 64k, h, w) -> (B, 64k)
 
 
 class ScatteringNet(nn.Module):
-    """Stacked scattering blocks followed by BatchNorm2d, optional AdaptiveAvgPool2d(1), Flatten, Linear.
+    """Stacked scattering blocks followed by BatchNorm2d, optional AdaptiveAvgPool2d(1), Flatten, Linear
+    (head='linear'), or by a WideResNet (head='cnn'; with n_blocks=0, the WideResNet alone on the image).
 
     Built from a ModelConfig, ``ScatteringNet(ModelConfig(n_blocks=3, ...))``,
     or from the same fields as keywords, ``ScatteringNet(n_blocks=3, ...)``
@@ -247,10 +359,13 @@ class ScatteringNet(nn.Module):
             for block in self.blocks:
                 block.reset_random()
         channels = self.plan["classifier_channels"]
-        self.bn = nn.BatchNorm2d(channels)
-        self.pool = nn.AdaptiveAvgPool2d(1) if config.global_avg_pool else nn.Identity()
-        self.flatten = nn.Flatten()
-        self.classifier = nn.Linear(self.plan["classifier_in"], config.nb_classes)
+        if config.head == "cnn":
+            self.cnn = WideResNet(channels, config.nb_classes, config.head_depth, config.head_width)
+        else:
+            self.bn = nn.BatchNorm2d(channels)
+            self.pool = nn.AdaptiveAvgPool2d(1) if config.global_avg_pool else nn.Identity()
+            self.flatten = nn.Flatten()
+            self.classifier = nn.Linear(self.plan["classifier_in"], config.nb_classes)
 
     def features(self, x):
         """Scattering coefficients: (B, C_0, S, S) -> (B, C_J, S/2^J, S/2^J)."""
@@ -261,7 +376,9 @@ class ScatteringNet(nn.Module):
         return self.blocks(x)
 
     def head(self, features):
-        """Logits from scattering coefficients: BN, optional pooling, flatten, linear."""
+        """Logits from scattering coefficients: BN, optional pooling, flatten, linear (or the WRN, head='cnn')."""
+        if self.config.head == "cnn":
+            return self.cnn(features)
         return self.classifier(self.flatten(self.pool(self.bn(features))))
 
     def forward(self, x):
@@ -271,6 +388,8 @@ class ScatteringNet(nn.Module):
         return self.blocks.parameters()
 
     def head_parameters(self):
+        if self.config.head == "cnn":
+            return list(self.cnn.parameters())
         return [*self.bn.parameters(), *self.classifier.parameters()]
 
     def wavelet_weights(self):

@@ -22,9 +22,9 @@ import torch
 import data
 import wavelet_kernels
 from engine import filter_deltas
-from runner import (JOINT, LAST_KEYS, add_data_args, add_runtime_args, adamw, build_model, check_same_flags,
+from runner import (JOINT, LAST_KEYS, add_data_args, add_runtime_args, build_model, check_same_flags,
                     describe_run, find_last_checkpoint, finish_phase, inherit_flags, legacy_curves, load_run_state, new_json_path,
-                    phase_warmup, read_checkpoint, run_phase, run_script, selected_row, setup)
+                    make_optimizer, phase_warmup, read_checkpoint, run_phase, run_script, selected_row, setup)
 import runner
 from scattering_net import ModelConfig, add_model_args
 from utils import SaveDirLock, barrier, die, is_main_process, main_print, replicas_agree, save_checkpoint
@@ -44,11 +44,14 @@ PHASE_B_FLAGS = ("epochs", "lr_extractor", "freeze_extractor", "l2_sp", *PHASE_B
 # The arms of the experiment, one table for sweep.py (--arm), analyze.py (its arm column) and the plots:
 # name -> the train.py flags that make a run of it. The name is <init>-<how the blocks train>.
 ARMS = {"wavelet-two-phase": ["--init", "wavelet"], "wavelet-frozen": ["--init", "wavelet", "--freeze-extractor"],
-        "wavelet-joint": ["--init", "wavelet", "--joint"], "random-joint": ["--init", "random", "--joint"]}
+        "wavelet-joint": ["--init", "wavelet", "--joint"], "random-joint": ["--init", "random", "--joint"],
+        "cnn-joint": ["--n-blocks", "0", "--head", "cnn", "--joint"]}
 
 
 def arm_of(config):
     """The arm a run's config belongs to, named as in ARMS (runs from before these flags: wavelet-two-phase)."""
+    if config.get("n_blocks") == 0:  # no scattering: the CNN alone, trained jointly
+        return "cnn-joint"
     how = "joint" if config.get("joint") else "frozen" if config.get("freeze_extractor") else "two-phase"
     return f"{config.get('init', 'wavelet')}-{how}"
 
@@ -91,7 +94,10 @@ def get_args_parser():
     training = parser.add_argument_group("training")
     training.add_argument("--global-batch-size", "--batch-size", type=int, default=128,
                           help="the batch over all processes, split evenly across DDP ranks")
-    training.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW weight decay")
+    training.add_argument("--optimizer", choices=runner.OPTIMIZERS, default=runner.OPTIMIZERS[0],
+                          help="adamw, or sgd (Nesterov momentum 0.9: the usual for --head cnn, with a larger --lr-head "
+                               "such as 0.05 and --weight-decay 5e-4); every phase and group uses it")
+    training.add_argument("--weight-decay", type=float, default=1e-4, help="the optimizer's weight decay")
     training.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs")
     training.add_argument("--resume", action="store_true", help="continue the interrupted run in --save-dir")
     training.add_argument("--from-phase-a", default=None, metavar="DIR",
@@ -206,9 +212,10 @@ def morlet_rms(config):
     return float(np.sqrt(np.mean(np.concatenate([psi.real, psi.imag]) ** 2)))
 
 
-def carry_head_moments(optimizer, model, phase_a_state):
-    """Give the head's parameters in ``optimizer`` the AdamW state Phase A ended with (its state_dict)."""
-    phase_a = adamw([head_group(model, 1.0)], 0.0)
+def carry_head_moments(optimizer, kind, model, phase_a_state):
+    """Give the head's parameters in ``optimizer`` the state (AdamW moments, SGD momentum) Phase A ended with
+    (its state_dict; kind: --optimizer)."""
+    phase_a = make_optimizer(kind, [head_group(model, 1.0)], 0.0)
     phase_a.load_state_dict(phase_a_state)
     for p in model.head_parameters():
         optimizer.state[p] = {k: v.to(p.device) if torch.is_tensor(v) else v for k, v in phase_a.state[p].items()}
@@ -259,7 +266,7 @@ def train_head(model, env, args, state):
     state.results.update(size_results(model, env.data, args.seed))
     main_print(f"Phase A: training BN + classifier ({state.results['n_params_trainable']:,} parameters), "
                f"extractor frozen")
-    optimizer = adamw([head_group(model, args.lr_head)], args.weight_decay)
+    optimizer = make_optimizer(args.optimizer, [head_group(model, args.lr_head)], args.weight_decay)
     best_state, epoch = run_phase("phase_a", model, optimizer, env, args, state, os.path.join(args.save_dir, "phase_a"),
                                   args.head_epochs)
     selected = selected_results("head", state.curves["phase_a"], epoch)
@@ -281,10 +288,10 @@ def fine_tune(model, initial, env, args, state):
     model.blocks.requires_grad_(not args.freeze_extractor)
     groups = [] if args.freeze_extractor else extractor_groups(model, args.lr_extractor, args.extractor_lr_scale)
     lr_head = args.lr_head * HEAD_FINETUNE_FACTOR if args.lr_head_finetune is None else args.lr_head_finetune
-    optimizer = adamw(groups + [head_group(model, lr_head)], args.weight_decay)
+    optimizer = make_optimizer(args.optimizer, groups + [head_group(model, lr_head)], args.weight_decay)
     if args.carry_head_state:
         phase_a_last = read_checkpoint(os.path.join(args.save_dir, "phase_a", "last.pth"), args)
-        carry_head_moments(optimizer, model, phase_a_last["optimizer"])
+        carry_head_moments(optimizer, args.optimizer, model, phase_a_last["optimizer"])
     penalty = None if args.freeze_extractor else l2_sp(list(model.extractor_parameters()), initial_extractor, args.l2_sp)
     main_print("Phase B: " + ("the head alone, extractor still frozen (--freeze-extractor)" if args.freeze_extractor
                               else f"fine-tuning everything (extractor lr {args.lr_extractor:g}, "
@@ -307,8 +314,8 @@ def train_jointly(model, initial, env, args, state):
     model.blocks.requires_grad_(True)
     state.results.update(size_results(model, env.data, args.seed))
     epochs = args.head_epochs + args.epochs
-    optimizer = adamw(extractor_groups(model, args.lr_extractor, args.extractor_lr_scale) +
-                      [head_group(model, args.lr_head)], args.weight_decay)
+    optimizer = make_optimizer(args.optimizer, extractor_groups(model, args.lr_extractor, args.extractor_lr_scale) +
+                               [head_group(model, args.lr_head)], args.weight_decay)
     main_print(f"joint: training everything from the start ({args.init} init) for {epochs} epochs")
     warmup = phase_warmup(args.warmup_epochs, epochs, "the joint phase", state)
     best_state, epoch = run_phase(JOINT, model, optimizer, env, args, state, os.path.join(args.save_dir, JOINT), epochs,
@@ -332,6 +339,9 @@ def check_flags(args):
     args.head_epochs = args.head_epochs or args.epochs
     if args.joint and args.freeze_extractor:
         die("--joint and --freeze-extractor exclude each other: a joint run trains the blocks from the start")
+    if args.n_blocks == 0 and not (args.head == "cnn" and args.joint):
+        die("--n-blocks 0 is the CNN alone: it needs --head cnn and --joint (with no scattering there is nothing to "
+            "freeze for a Phase A)")
 
 
 def main(args):

@@ -64,6 +64,7 @@ def test_imagenet_classifier_table(gap, lowpass_last, channels, spec_millions):
     {}, {"modulus_type": "phase_relu"}, {"mixing_horizon": 3}, {"global_avg_pool": True},
     {"lowpass_last": True}, {"global_avg_pool": True, "lowpass_last": True, "L": 4},
     {"learn": "morlet"}, {"learn": "morlet", "modulus_type": "phase_relu", "lowpass_last": True, "max_order": 1},
+    {"head": "cnn", "head_depth": 10, "head_width": 2}, {"head": "cnn", "n_blocks": 0, "head_depth": 16, "head_width": 8},
 ])
 def test_analytic_count_equals_the_built_model(kwargs):
     model = ScatteringNet(Config(**kwargs))
@@ -113,7 +114,9 @@ def test_describe_one_line_per_block():
                         "halves the resolution, rounding down)"),
     ({"in_spatial": 6, "padding_mode": "reflect"},
      "padding_mode='reflect' needs every block's input larger than kernel_size // 2 = 3, but the last block gets 3x3"),
-    ({"n_blocks": 0}, "n_blocks must be a positive integer, got 0"),
+    ({"n_blocks": 0}, "n_blocks must be a positive integer (or 0 with head='cnn': the CNN alone), got 0"),
+    ({"head": "cnn", "head_depth": 12}, "head_depth must be 6n + 4 for n >= 1 (10, 16, 22, 28, ...), got 12"),
+    ({"head": "mlp"}, "head must be one of ('linear', 'cnn'), got 'mlp'"),
     ({"nb_classes": 0}, "nb_classes must be a positive integer, got 0"),
     ({"mixing_horizon": 4}, "mixing_horizon=4 does not divide in_channels=27; valid values: [1, 3, 9, 27] "
                             "(or any value >= 27 for dense)"),
@@ -359,3 +362,18 @@ def test_learnt_morlet_network_plan_random_init_and_table():
     taps = ScatteringNet(replace(config, learn="taps"))
     taps.load_state_dict({k: v for k, v in wavelet.state_dict().items() if k in taps.state_dict()}, strict=False)
     torch.testing.assert_close(wavelet.features(x), taps.features(x), rtol=1e-5, atol=1e-5)  # the same at init
+
+
+def test_the_cnn_head_is_a_wide_resnet():
+    wrn = ScatteringNet(Config(n_blocks=0, head="cnn"))  # WRN-16-8 on CIFAR: the paper's 10,961,370 + input BN
+    assert wrn.plan["n_params_total"] == 10_961_370 + 2 * 3
+    assert wrn.describe()[0] == "head: wide residual network on the image (no scattering block) (3 channels), " \
+                                "10,961,376 params"
+    stages = [b for b in wrn.cnn.stages]
+    assert len(stages) == 6 and [b.conv1.stride[0] for b in stages] == [1, 1, 2, 1, 2, 1]
+    assert [b.conv2.out_channels for b in stages] == [128, 128, 256, 256, 512, 512]
+    hybrid = ScatteringNet(Config(head="cnn", head_depth=10, head_width=1))
+    x = torch.randn(2, 3, 32, 32)
+    assert hybrid.cnn.stem.in_channels == 243 and hybrid(x).shape == (2, 10)
+    assert hybrid.head_parameters() == list(hybrid.cnn.parameters())
+    torch.testing.assert_close(hybrid(x), hybrid.cnn(hybrid.blocks(x)))

@@ -482,8 +482,9 @@ def test_morlet_parameters_train_without_weight_decay_and_are_reported(tmp_path)
 def test_phase_b_continues_the_heads_adamw_moments(finished_run):
     save_dir, _ = finished_run
     model = small_model()
-    optimizer = runner.adamw(train.extractor_groups(model, 1e-4, "rms") + [train.head_group(model, 1e-4)], 0.0)
-    train.carry_head_moments(optimizer, model, torch.load(os.path.join(save_dir, "phase_a", "last.pth"))["optimizer"])
+    optimizer = runner.make_optimizer("adamw", train.extractor_groups(model, 1e-4, "rms") +
+                                      [train.head_group(model, 1e-4)], 0.0)
+    train.carry_head_moments(optimizer, "adamw", model, torch.load(os.path.join(save_dir, "phase_a", "last.pth"))["optimizer"])
     saved = torch.load(os.path.join(save_dir, "phase_a", "last.pth"))["optimizer"]["state"]
     for i, p in enumerate(model.head_parameters()):
         assert torch.equal(optimizer.state[p]["exp_avg_sq"], saved[i]["exp_avg_sq"])
@@ -891,3 +892,29 @@ def test_augment_choices_and_the_old_on_off_flag_are_read_alike():
     now = train.run_settings(vars(parse(["--augment", "none"])))
     before = train.run_settings({**vars(parse([])), "augment": False})  # a run recorded with --no-augment
     assert before == now and train.run_settings({**vars(parse([])), "augment": True})["augment"] == "crop-flip"
+
+
+CNN = ["--head", "cnn", "--head-depth", "10", "--head-width", "1"]
+
+
+def test_a_cnn_head_trains_in_both_phases_with_sgd(tmp_path):
+    results = train_in_process(*SMALL, *CNN, "--optimizer", "sgd", "--lr-head", "0.05", "--save-dir", str(tmp_path))
+    model = ScatteringNet(ModelConfig(n_blocks=1, L=4, head="cnn", head_depth=10, head_width=1))
+    assert results["n_params_classifier"] == sum(p.numel() for p in model.cnn.parameters())
+    assert results["n_params_total"] == model.plan["n_params_total"] and results["finetune_acc"] > 20
+    saved = torch.load(os.path.join(tmp_path, "phase_b", "last.pth"))
+    assert saved["optimizer"]["param_groups"][-1]["momentum"] == runner.SGD_MOMENTUM
+    assert saved["optimizer"]["param_groups"][-1]["nesterov"]
+    assert any(k.startswith("cnn.stages.") for k in saved["state_dict"])
+
+
+def test_the_cnn_alone_trains_jointly_and_is_its_own_arm(tmp_path, capsys):
+    results = train_in_process(*SMALL, *CNN, "--n-blocks", "0", "--joint", "--save-dir", str(tmp_path))
+    assert results["n_params_extractor"] == 0 and results["joint_acc"] > 20
+    config = json.load(open(glob.glob(os.path.join(tmp_path, "results_*.json"))[0]))["config"]
+    assert train.arm_of(config) == "cnn-joint" and train.ARMS["cnn-joint"] == ["--n-blocks", "0", "--head", "cnn",
+                                                                              "--joint"]
+    for flags in (["--n-blocks", "0", *CNN], ["--n-blocks", "0", "--joint"]):
+        assert exit_2_message(capsys, *SMALL, *flags, "--save-dir", str(tmp_path / "x")) == [
+            "error: --n-blocks 0 is the CNN alone: it needs --head cnn and --joint (with no scattering there is "
+            "nothing to freeze for a Phase A)"]
