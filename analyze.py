@@ -5,6 +5,9 @@
     # link, or a run recorded twice, counts once), then means over seeds and paired t-tests
     python analyze.py --results-dir runs/demo --filters runs/demo/<cell>/phase_b/best.pth
     # block 0's wavelets before, after, and the change; how far each orientation moved
+    python analyze.py --results-dir runs/demo --stability runs/a/phase_b/best.pth runs/b/joint/best.pth
+    # how far each checkpoint's scattering coefficients move under shifts, rotations, zooms and smooth
+    # warps of growing strength, beside the distance between unrelated images
 
 Written to <results-dir>/plots/: runs.csv (one row per run, with its selection
 rule, commit, and the last-epoch and best-test-epoch accuracies beside the
@@ -12,7 +15,8 @@ selected one), summary.csv (per configuration: n, mean and std over seeds),
 significance.csv (paired differences), plot_data_efficiency.png,
 plot_advantage.png, plot_size_vs_gain.png, plot_delta_vs_gain.png; with
 --curves, curves/curves_exp<N>.png (N: the row of runs.csv); with --filters,
-filters_block0__<checkpoint path>.png. Runs recorded before --select existed
+filters_block0__<checkpoint path>.png; with --stability, stability.csv and
+plot_stability.png. Runs recorded before --select existed
 chose their epochs on the test split: they are read as --select test, and
 runs of different rules are never averaged or paired. Headless (Agg) unless
 --interactive.
@@ -26,6 +30,7 @@ import sys
 
 import numpy as np
 import pandas as pd
+import torch
 
 import data
 import runner
@@ -74,8 +79,16 @@ def get_args_parser():
     parser.add_argument("--filters", metavar="CHECKPOINT", default=None,
                         help="instead of the table: draw block 0's learnt wavelets of this checkpoint against "
                              "their Morlet init, and print how far each orientation moved")
+    parser.add_argument("--stability", metavar="CHECKPOINT", nargs="+", default=None,
+                        help="instead of the table: the relative change of each checkpoint's scattering coefficients "
+                             "under translations, rotations, scalings and smooth random warps of growing strength, "
+                             "on its dataset's test images, beside the change between unrelated images")
+    parser.add_argument("--stability-images", type=int, default=STABILITY_IMAGES,
+                        help="--stability: test images measured (the same ones for every checkpoint of a dataset)")
+    parser.add_argument("--data-dir", default=None,
+                        help="--stability: where the checkpoints' dataset lies; default: the folder each recorded")
     parser.add_argument("--trust-checkpoint", action="store_true",
-                        help="--filters: load a checkpoint that holds more than tensors and plain values (its "
+                        help="--filters, --stability: load a checkpoint that holds more than tensors and plain values (its "
                              "pickle can run code): only for files from a source you trust")
     return parser
 
@@ -385,9 +398,10 @@ def plot_curves(plt, exp, number, path):
     save(plt, fig, path)
 
 
-def save(plt, fig, path):
-    """Write a figure atomically (an earlier figure of that name stays whole if the write fails)."""
-    fig.tight_layout()
+def save(plt, fig, path, rect=(0, 0, 1, 1)):
+    """Write a figure atomically (an earlier figure of that name stays whole if the write fails); its plots are
+    laid out inside ``rect`` (figure fractions: left, bottom, right, top)."""
+    fig.tight_layout(rect=rect)
     try:
         atomic_write(path, lambda f: fig.savefig(f, dpi=110, format=os.path.splitext(path)[1][1:]))
     finally:
@@ -491,6 +505,145 @@ def report_filters(plt, checkpoint, plots_dir, results_dir, trusted=False):
     print(f"saved {path}")
 
 
+# ----------------------------------------------------------------------------- deformation stability
+
+# --stability's deformations and their strengths, from none to strong. A scattering transform is
+# Lipschitz-stable to small deformations and nearly invariant to translations below its scale 2^J
+# (Mallat, "Group Invariant Scattering", CPAM 2012); a learnt front-end may lose that. translation:
+# a circular shift along both axes (pixels); rotation (degrees) and scaling (zoom factor) about the
+# centre, bilinear with reflected borders; deformation: a smooth random warp, its largest displacement
+# in pixels. The first strength of each is the identity.
+STABILITY_STRENGTHS = {"translation": (0, 1, 2, 4, 8), "rotation": (0, 5, 10, 20, 30),
+                       "scaling": (1.0, 1.05, 1.1, 1.2, 1.3), "deformation": (0.0, 0.5, 1.0, 2.0, 3.0)}
+# The warp's displacement field: white noise smoothed by a Gaussian of this width (pixels), then scaled.
+WARP_SMOOTHNESS = 4.0
+STABILITY_IMAGES = 256
+# The test images --stability measures are drawn with this seed (the same for every checkpoint).
+STABILITY_SEED = 0
+STABILITY_BATCH = 128
+
+
+def deform(images, kind, strength, generator=None):
+    """``images`` (B, C, H, W) under one deformation of STABILITY_STRENGTHS; the identity strength returns them."""
+    if strength == STABILITY_STRENGTHS[kind][0]:
+        return images
+    if kind == "translation":
+        return torch.roll(images, (int(strength), int(strength)), dims=(-2, -1))
+    B, _, H, W = images.shape
+    if kind == "deformation":
+        return warp(images, smooth_displacement(B, H, W, strength, generator))
+    angle, zoom = (math.radians(strength), 1.0) if kind == "rotation" else (0.0, float(strength))
+    c, s = math.cos(angle) / zoom, math.sin(angle) / zoom
+    affine = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=images.dtype).expand(B, 2, 3)
+    grid = torch.nn.functional.affine_grid(affine, list(images.shape), align_corners=False)  # (B, H, W, 2)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="reflection",
+                                           align_corners=False)
+
+
+def smooth_displacement(B, H, W, largest, generator=None):
+    """(B, 2, H, W) random displacements in pixels, Gaussian-smoothed (WARP_SMOOTHNESS), each image's largest = ``largest``."""
+    noise = torch.randn(B * 2, 1, H, W, generator=generator)
+    radius = int(3 * WARP_SMOOTHNESS)
+    t = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    g = torch.exp(-t ** 2 / (2 * WARP_SMOOTHNESS ** 2))
+    g = g / g.sum()
+    padded = torch.nn.functional.pad(noise, (radius,) * 4, mode="circular")
+    smooth = torch.nn.functional.conv2d(torch.nn.functional.conv2d(padded, g.view(1, 1, -1, 1)), g.view(1, 1, 1, -1))
+    field = smooth.view(B, 2, H, W)  # (B*2, 1, H, W) -> (B, 2, H, W)
+    size = field.pow(2).sum(1, keepdim=True).sqrt().amax((-2, -1), keepdim=True)  # (B, 1, 1, 1)
+    return field * (largest / size)
+
+
+def warp(images, displacement):
+    """images (B, C, H, W) sampled at u + displacement(u) (pixels; channel 0 along the width), bilinear, reflected."""
+    B, _, H, W = images.shape
+    identity = torch.nn.functional.affine_grid(torch.eye(2, 3).expand(B, 2, 3), [B, 1, H, W], align_corners=False)
+    scale = torch.tensor([2.0 / W, 2.0 / H])  # pixels -> grid_sample's [-1, 1] units
+    grid = identity + displacement.permute(0, 2, 3, 1) * scale  # (B, 2, H, W) -> (B, H, W, 2)
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+@torch.no_grad()
+def relative_change(features, images, moved):
+    """Per image ||Phi(moved) - Phi(images)|| / ||Phi(images)||, Phi = ``features``, as a NumPy array."""
+    out = []
+    for x, y in zip(images.split(STABILITY_BATCH), moved.split(STABILITY_BATCH)):
+        a, b = features(x).flatten(1), features(y).flatten(1)
+        out.append(((b - a).norm(dim=1) / a.norm(dim=1)).numpy())
+    return np.concatenate(out)
+
+
+def stability_rows(model, images, seed=STABILITY_SEED):
+    """[{kind, strength, mean, std}] of relative_change over STABILITY_STRENGTHS, and the 'unrelated' baseline:
+    each image against another test image (a random pairing)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for kind, strengths in STABILITY_STRENGTHS.items():
+        for strength in strengths:
+            change = relative_change(model.features, images, deform(images, kind, strength, generator))
+            rows.append({"kind": kind, "strength": strength, "mean": float(change.mean()), "std": float(change.std())})
+    others = images[torch.randperm(len(images), generator=generator)]
+    change = relative_change(model.features, images, others)
+    rows.append({"kind": "unrelated", "strength": None, "mean": float(change.mean()), "std": float(change.std())})
+    return rows
+
+
+def stability_images(config, data_dir, count):
+    """``count`` test images of a checkpoint's dataset, normalised as training saw them (STABILITY_SEED's draw)."""
+    try:
+        _, test, info = data.load_dataset(config["dataset"], data_dir or config.get("data_dir") or "./data",
+                                          image_size=config.get("image_size"))
+    except data.DatasetError as e:
+        die(f"--stability: {data.error_line(e)}")
+    n = len(data.dataset_labels(test))
+    chosen = torch.randperm(n, generator=torch.Generator().manual_seed(STABILITY_SEED))[:count].tolist()
+    pixels = test[0][chosen] if isinstance(test, tuple) else torch.stack([test[i][0] for i in chosen])
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (info.mean, info.std))
+    return (pixels.float() / 255 - mean) / std if pixels.dtype == torch.uint8 else pixels
+
+
+def report_stability(plt, checkpoints, plots_dir, count, data_dir=None, trusted=False):
+    if count < 2:
+        die(f"--stability-images must be >= 2 (the baseline pairs unrelated images), got {count}")
+    rows, images = [], {}
+    for checkpoint in checkpoints:
+        model, _ = model_from_checkpoint(checkpoint, trusted)
+        if not len(model.blocks):
+            die(f"--stability: {checkpoint} is the CNN alone (--n-blocks 0): it has no scattering to measure")
+        config = load_checkpoint(checkpoint, trusted=trusted).get("config") or {}
+        key = (config.get("dataset"), data_dir or config.get("data_dir"), config.get("image_size"))
+        if key not in images:
+            images[key] = stability_images(config, data_dir, count)
+        label = f"{checkpoint} ({model.config.learn}, {config.get('init', 'wavelet')} init)"
+        rows += [{"checkpoint": label, **row} for row in stability_rows(model, images[key])]
+    table = pd.DataFrame(rows)
+    print("relative change of the scattering coefficients, ||Phi(x~) - Phi(x)|| / ||Phi(x)||, mean over "
+          f"{count} test images (unrelated: x~ another test image)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    atomic_write(os.path.join(plots_dir, "stability.csv"), lambda f: f.write(table.to_csv(index=False).encode()))
+    plot_stability(plt, table, os.path.join(plots_dir, "plot_stability.png"))
+
+
+def plot_stability(plt, table, path):
+    kinds = list(STABILITY_STRENGTHS)
+    n = table.checkpoint.nunique()
+    legend_inches, height = 0.15 + 0.2 * n, 3.2 + 0.2 * n  # one legend line per checkpoint, below the plots
+    fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds), height), sharey=True)
+    units = {"translation": "shift (pixels)", "rotation": "angle (degrees)", "scaling": "zoom factor",
+             "deformation": "largest displacement (pixels)"}
+    for ax, kind in zip(axes, kinds):
+        for i, (label, rows) in enumerate(table.groupby("checkpoint", sort=False)):
+            curve = rows[rows.kind == kind]
+            line = ax.errorbar(curve.strength, curve["mean"], yerr=curve["std"], marker="o", capsize=2,
+                               label=label if kind == kinds[0] else None)[0]
+            ax.axhline(float(rows[rows.kind == "unrelated"]["mean"].iloc[0]), color=line.get_color(), ls="--", lw=0.8)
+        ax.set(title=kind, xlabel=units[kind])
+    axes[0].set_ylabel("||Phi(x~) - Phi(x)|| / ||Phi(x)||\n(dashed: unrelated images)")
+    fig.legend(loc="lower center", fontsize=7, ncol=1)
+    save(plt, fig, path, rect=(0, legend_inches / height, 1, 1))
+
+
 # ----------------------------------------------------------------------------- main
 
 def pyplot(interactive):
@@ -526,6 +679,9 @@ def main(args):
         if args.filters:
             plots_dir = writable_plots_dir(args.results_dir)
             report_filters(plt, args.filters, plots_dir, args.results_dir, args.trust_checkpoint)
+        elif args.stability:
+            report_stability(plt, args.stability, writable_plots_dir(args.results_dir), args.stability_images,
+                             args.data_dir, args.trust_checkpoint)
         else:
             analyze_results(plt, args)
     except WriteError as e:  # a full disk: the tables and figures written before stay whole

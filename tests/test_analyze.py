@@ -9,9 +9,11 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import analyze
 import train
+from scattering_net import ModelConfig, ScatteringNet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -335,3 +337,52 @@ def test_a_full_disk_is_one_line_and_keeps_the_earlier_tables(real_run, tmp_path
         f"written before it are kept")
     after = {p: open(p, "rb").read() for p in glob.glob(str(tmp_path / "plots" / "*"))}
     assert after == before  # the same tables rewritten whole, the figures left as they were
+
+
+# ----------------------------------------------------------------------------- --stability
+
+def test_every_deformation_at_its_identity_strength_changes_nothing():
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 16, 16)
+    for kind, strengths in analyze.STABILITY_STRENGTHS.items():
+        assert torch.equal(analyze.deform(x, kind, strengths[0]), x), kind
+        assert not torch.allclose(analyze.deform(x, kind, strengths[1], torch.Generator().manual_seed(0)), x), kind
+    model = ScatteringNet(ModelConfig(n_blocks=2, L=4))
+    rows = analyze.stability_rows(model, torch.randn(8, 3, 32, 32))
+    identities = [r for r in rows if r["kind"] != "unrelated" and r["strength"] == analyze.STABILITY_STRENGTHS[r["kind"]][0]]
+    assert len(identities) == 4 and all(r["mean"] == 0 for r in identities)
+    means = {(r["kind"], r["strength"]): r["mean"] for r in rows}
+    assert 0 < means["deformation", 0.5] < means["deformation", 3.0] < means["unrelated", None]
+
+
+def test_a_shift_by_the_total_stride_shifts_the_coefficients_under_circular_padding():
+    torch.manual_seed(0)
+    model = ScatteringNet(ModelConfig(n_blocks=2, L=4, padding_mode="circular", modulus_type="phase_relu")).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for pixels in (4, 8):  # multiples of 2^J = 4: the coefficients (at 1/4 resolution) move by pixels / 4
+            moved = model.features(analyze.deform(x, "translation", pixels))
+            torch.testing.assert_close(moved, torch.roll(model.features(x), (pixels // 4,) * 2, dims=(-2, -1)),
+                                       rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model.features(analyze.deform(x, "translation", 2)), model.features(x), atol=1e-2)
+
+
+def test_the_smooth_warp_moves_each_image_by_at_most_its_strength():
+    field = analyze.smooth_displacement(4, 32, 32, 2.0, torch.Generator().manual_seed(0))
+    largest = field.pow(2).sum(1).sqrt().amax((-2, -1))
+    torch.testing.assert_close(largest, torch.full((4,), 2.0))
+    assert field.diff(dim=-1).abs().max() < 0.5  # smooth: neighbours move alike
+
+
+def test_stability_of_real_checkpoints_writes_its_table_and_plot(real_run, tmp_path, capsys):
+    results_dir, _ = real_run
+    checkpoints = [str(results_dir / "real" / phase / "best.pth") for phase in ("phase_a", "phase_b")]
+    code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--stability", *checkpoints,
+                                 "--stability-images", "16")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "plots" / "stability.csv")
+    assert len(table) == 2 * (4 * 5 + 1) and set(table.kind) == {*analyze.STABILITY_STRENGTHS, "unrelated"}
+    assert is_png(tmp_path / "plots" / "plot_stability.png") and "(taps, wavelet init)" in out
+    code, _, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--stability", checkpoints[0],
+                               "--stability-images", "1")
+    assert code == 2 and err == "error: --stability-images must be >= 2 (the baseline pairs unrelated images), got 1\n"
