@@ -99,6 +99,10 @@ def add_data_args(parser, default_dataset="cifar10"):
                                 "epoch on a split held out of the training pool (early stopping on it); last, the "
                                 "final epoch (no early stopping); test, the best test epoch (optimistic: how runs "
                                 f"were selected before this flag). Default: {DEFAULT_SELECT}; a resumed run keeps its own")
+    selection.add_argument("--eval-every", type=int, default=1, metavar="N",
+                           help="evaluate (held-out and test splits) every N epochs and at a phase's last: long "
+                                "fixed budgets on small training sets, where evaluating would cost more than "
+                                "training; early stopping's --patience then counts evaluations")
     selection.add_argument("--val-size", default=None,
                            help="--select val: images held out of the training pool, a fraction (0.1) or a count "
                                 f"(5000), class-stratified; default: {data.HOLDOUT_SHARE:.0%} of the pool, at most "
@@ -128,7 +132,7 @@ def add_runtime_args(parser):
 
 def check_common_args(args, batch_size, world_size):
     """Everything that can be wrong with the shared flags, before anything is loaded or written."""
-    positive = {"--epochs": args.epochs, "--patience": args.patience, "--L": args.L}
+    positive = {"--epochs": args.epochs, "--patience": args.patience, "--L": args.L, "--eval-every": args.eval_every}
     if args.n_blocks < (0 if args.head == "cnn" else 1):  # 0: the CNN head alone on the image
         die(f"--n-blocks must be >= 1 (or 0 with --head cnn: the CNN alone), got {args.n_blocks}")
     positive.update({flag: value for flag, value in (("--head-epochs", getattr(args, "head_epochs", None)),
@@ -644,20 +648,23 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
                                     args.print_freq, log, penalty, scheduler)
         except NonFiniteLoss as e:
             diverged(state, phase, epoch, e.step, ckpt_dir)
-        held_out = (evaluate(runner, loaders.val, device, args.amp, args.channels_last) if loaders.val is not None
-                    else None)
-        test = evaluate(runner, loaders.test, device, args.amp, args.channels_last)
-        improved = stopper.step(held_out["acc"] if held_out else test["acc"], epoch)  # under last: recorded only
+        held_out, test, improved = None, None, False
+        if epoch % args.eval_every == 0 or epoch == epochs:  # --eval-every: the other epochs are not evaluated
+            held_out = (evaluate(runner, loaders.val, device, args.amp, args.channels_last)
+                        if loaders.val is not None else None)
+            test = evaluate(runner, loaders.test, device, args.amp, args.channels_last)
+            improved = stopper.step(held_out["acc"] if held_out else test["acc"], epoch)  # under last: recorded only
         row = {"epoch": epoch, "train_loss": train["loss"], "train_acc": train["acc"], **metrics("val", held_out),
                **metrics("test", test), **epoch_lrs(optimizer),
-               "seconds": train["seconds"] + test["seconds"] + (held_out["seconds"] if held_out else 0.0),
+               "seconds": train["seconds"] + sum(r["seconds"] for r in (held_out, test) if r),
                "img_per_s": train["img_per_s"]}
         state.curves[phase].append(row)
         if env.tensorboard:
             env.tensorboard.epoch(phase, model, row)
         held_text = f"val acc {held_out['acc']:.2f}% | " if held_out else ""
+        test_text = f"test acc {test['acc']:.2f}% | " if test else "not evaluated | "
         main_print(f"{phase} epoch {epoch}/{epochs}: train loss {train['loss']:.4f} acc {train['acc']:.2f}% | "
-                   f"{held_text}test acc {test['acc']:.2f}% | selected epoch {stopper.best_epoch} ({args.select})"
+                   f"{held_text}{test_text}selected epoch {stopper.best_epoch} ({args.select})"
                    f" | lr {row['lr']:.2e} | {row['seconds']:.1f} s, {train['img_per_s']:.0f} img/s")
         model_state = cpu_state(model)  # one copy per epoch: the best state, best.pth and last.pth share it
         if improved:

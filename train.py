@@ -69,7 +69,8 @@ def get_args_parser():
     phases.add_argument("--head-epochs", "--lr-epochs", type=int, default=None,
                         help="max epochs of Phase A; default: --epochs")
     phases.add_argument("--lr-head", type=float, default=1e-3, help="BN + classifier learning rate (every phase)")
-    phases.add_argument("--lr-extractor", type=float, default=1e-4, help="scattering blocks' learning rate")
+    phases.add_argument("--lr-extractor", type=float, default=1e-4,
+                        help="scattering blocks' learning rate (0 with --joint: the blocks stay fixed)")
     phases.add_argument("--joint", action="store_true",
                         help="instead of the two phases: one phase training everything from the start, for "
                              "--head-epochs + --epochs epochs (joint_acc); the protocol for --init random")
@@ -311,12 +312,14 @@ def fine_tune(model, initial, env, args, state):
 def train_jointly(model, initial, env, args, state):
     """--joint: one phase trains everything from the start for --head-epochs + --epochs; records joint_acc."""
     initial_filters, initial_extractor, initial_morlet = initial
-    model.blocks.requires_grad_(True)
+    learnt = args.lr_extractor > 0  # --lr-extractor 0: the blocks stay as they are (no gradient is computed)
+    model.blocks.requires_grad_(learnt)
     state.results.update(size_results(model, env.data, args.seed))
     epochs = args.head_epochs + args.epochs
-    optimizer = make_optimizer(args.optimizer, extractor_groups(model, args.lr_extractor, args.extractor_lr_scale) +
-                               [head_group(model, args.lr_head)], args.weight_decay)
-    main_print(f"joint: training everything from the start ({args.init} init) for {epochs} epochs")
+    groups = extractor_groups(model, args.lr_extractor, args.extractor_lr_scale) if learnt else []
+    optimizer = make_optimizer(args.optimizer, groups + [head_group(model, args.lr_head)], args.weight_decay)
+    main_print(f"joint: training {'everything' if learnt else 'the head on fixed blocks (--lr-extractor 0)'} from the "
+               f"start ({args.init} init) for {epochs} epochs")
     warmup = phase_warmup(args.warmup_epochs, epochs, "the joint phase", state)
     best_state, epoch = run_phase(JOINT, model, optimizer, env, args, state, os.path.join(args.save_dir, JOINT), epochs,
                                   warmup, l2_sp(list(model.extractor_parameters()), initial_extractor, args.l2_sp))

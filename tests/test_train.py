@@ -918,3 +918,12 @@ def test_the_cnn_alone_trains_jointly_and_is_its_own_arm(tmp_path, capsys):
         assert exit_2_message(capsys, *SMALL, *flags, "--save-dir", str(tmp_path / "x")) == [
             "error: --n-blocks 0 is the CNN alone: it needs --head cnn and --joint (with no scattering there is "
             "nothing to freeze for a Phase A)"]
+
+
+def test_eval_every_evaluates_every_nth_and_the_last_epoch_and_fixed_blocks_train_no_gradient(tmp_path):
+    results = train_in_process(*SMALL, "--joint", "--lr-extractor", "0", "--eval-every", "2", "--select", "last",
+                               "--head-epochs", "2", "--epochs", "3", "--save-dir", str(tmp_path))
+    curves = json.load(open(glob.glob(os.path.join(tmp_path, "results_*.json"))[0]))["curves"]["joint"]
+    assert [("test_acc" in row) for row in curves] == [False, True, False, True, True]  # 2, 4 and the last, 5
+    assert results["joint_best_epoch"] == 5 and results["joint_acc"] == curves[-1]["test_acc"]
+    assert results["filter_delta_l2"] == 0 and results["n_params_trainable"] == results["n_params_classifier"]
