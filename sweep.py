@@ -19,6 +19,13 @@ Slots: --gpus 0,1,2,3 runs one cell per GPU (CUDA_VISIBLE_DEVICES), --gpus 0-3:2
 without GPUs --jobs N runs N cells with the CPU threads split between them.
 --print-commands writes one command per line for a cluster's scheduler (a SLURM job array or
 GNU parallel); --dry-run lists the cells and how many are done.
+
+--preset literature is the small-data CIFAR-10 protocol (train.PROTOCOL_ARMS x sizes 100, 500, 1000
+with their epoch budgets x seeds 0-2; docs/LITERATURE.md); --arm and --seed narrow it, other flags are
+shared by every cell (the dataset, its folder), and analyze.py --literature reads it:
+
+    python sweep.py --preset literature --out runs/literature --dataset folder --data-dir data/cifar10-sample
+    python analyze.py --results-dir runs/literature --literature
 """
 import argparse
 import contextlib
@@ -50,6 +57,8 @@ POLL_S = 2.0
 ALWAYS_NAMED = ("--train-size", "--seed")
 # Exit code of a sweep stopped by SIGTERM (128 + the signal, as a shell reports it); Ctrl-C is runner's 130.
 EXIT_TERMINATED = 128 + signal.SIGTERM
+# Named grids (--preset).
+PRESETS = ("literature",)
 # What a finished run's results JSON holds.
 FINAL_KEYS = ("finetune_acc", "joint_acc")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,7 +70,10 @@ def get_args_parser():
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                                      epilog="Any other flag goes to train.py; a comma list makes it an axis.")
     parser.add_argument("--out", required=True, help="folder of the cells' save-dirs")
-    parser.add_argument("--arm", default=None, help=f"comma list of arms, from {list(train.ARMS)}")
+    parser.add_argument("--arm", default=None, help=f"comma list of arms, from {list(train.ARMS)} (with --preset "
+                                                     f"literature: from train.PROTOCOL_ARMS)")
+    parser.add_argument("--preset", choices=PRESETS, default=None,
+                        help="a named grid: literature, the small-data protocol (its arms, sizes, budgets and seeds)")
     parser.add_argument("--gpus", default=None, help="GPU slots: 0,1,2,3 (one cell each) or 0-3:2 (two per GPU)")
     parser.add_argument("--jobs", type=int, default=1, help="without --gpus: cells at a time on the CPU")
     parser.add_argument("--print-commands", action="store_true", help="print the cells' commands, run nothing")
@@ -133,6 +145,27 @@ def cells(axes, shared, arms):
             if not arm and random_init(argv) and "--joint" not in argv and "--joint" not in names:
                 argv.append("--joint")  # random init's protocol
             grid.append(("__".join(settings) or "run", argv, arm))
+    return grid
+
+
+def protocol_cells(axes, shared, arms):
+    """[(name, train.py argv, None)] of --preset literature: each protocol arm at each size with its budget and
+    each seed (train.PROTOCOL_*); ``arms`` and a --seed list narrow it, ``shared`` goes to every cell."""
+    unknown = [a for a in arms or [] if a not in train.PROTOCOL_ARMS]
+    if unknown:
+        die(f"--arm: unknown protocol arm(s) {unknown}; choose from {list(train.PROTOCOL_ARMS)}")
+    other = [flag for flag in axes if flag != "--seed"]
+    fixed = [flag for flag in ("--train-size", "--epochs", "--head-epochs", "--eval-every", "--seed") if flag in shared]
+    if other or fixed:
+        die(f"--preset literature sets {', '.join(other + fixed)} itself (only --seed may narrow it, as a list)")
+    grid = []
+    for arm in arms or train.PROTOCOL_ARMS:
+        for size, epochs in train.PROTOCOL_EPOCHS.items():
+            budget = ["--train-size", str(size), "--head-epochs", str(epochs // 2), "--epochs", str(epochs - epochs // 2),
+                      "--eval-every", str(max(1, epochs // train.PROTOCOL_EVALUATIONS))]
+            for seed in axes.get("--seed", train.PROTOCOL_SEEDS):
+                argv = [*train.PROTOCOL_SHARED, *train.PROTOCOL_ARMS[arm], *shared, *budget, "--seed", str(seed)]
+                grid.append((f"{arm}__train-size={size}__seed={seed}", argv, None))
     return grid
 
 
@@ -458,13 +491,13 @@ def main(args, extra):
     axes, shared = parse_grid(extra)
     arms = args.arm.split(",") if args.arm else None
     unknown = [a for a in arms or [] if a not in train.ARMS]
-    if unknown:
+    if unknown and not args.preset:
         die(f"--arm: unknown arm(s) {unknown}; choose from {list(train.ARMS)}")
     if args.jobs < 1:
         die(f"--jobs must be >= 1, got {args.jobs}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         die(f"--out {args.out} is a file, not a folder")
-    grid = place_cells(cells(axes, shared, arms), args.out)
+    grid = place_cells(protocol_cells(axes, shared, arms) if args.preset else cells(axes, shared, arms), args.out)
     states = {name: state_of(save_dir) for name, save_dir, _ in grid}
     if args.print_commands:
         for name, save_dir, argv in grid:

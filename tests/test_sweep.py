@@ -47,7 +47,7 @@ def test_gpu_slots(text, slots):
 @pytest.mark.parametrize("argv,message", [
     (["--gpus", "a-b"], "error: --gpus: expected a list like 0,1,2,3 or a range like 0-3:2, got 'a-b'"),
     (["--arm", "magic"], "error: --arm: unknown arm(s) ['magic']; choose from ['wavelet-two-phase', 'wavelet-frozen', "
-                         "'wavelet-joint', 'random-joint']"),
+                         "'wavelet-joint', 'random-joint', 'cnn-joint']"),
     (["--no-such-flag", "1"], "error: sweep.py: '--no-such-flag' is not a train.py flag a sweep can set (see python "
                               "train.py --help)"),
     (["--save-dir", "x"], "error: sweep.py: '--save-dir' is not a train.py flag a sweep can set (see python train.py "
@@ -257,3 +257,51 @@ def test_a_cell_of_two_tasks_trains_as_two_ddp_ranks(tmp_path):
     (path,) = glob.glob(str(tmp_path / "train-size=200__seed=0" / "results_*.json"))
     saved = json.load(open(path))
     assert saved["provenance"][-1]["world_size"] == 2 and saved["results"]["replicas_in_sync"] is True
+
+
+def test_the_literature_preset_is_every_protocol_arm_size_and_seed(tmp_path, capsys):
+    args, extra = sweep.get_args_parser().parse_known_args(["--out", str(tmp_path / "lit"), "--preset", "literature",
+                                                            "--dataset", "synthetic", "--dry-run"])
+    assert sweep.main(args, extra) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 12 * 3 * 3 + 1 and lines[-1] == "0 of 108 cells done"
+    grid = sweep.protocol_cells({}, ["--dataset", "synthetic"], ["wrn-wavelet-morlet", "cnn-alone-wrn-16-2"])
+    name, argv, _ = grid[0]
+    assert name == "wrn-wavelet-morlet__train-size=100__seed=0"
+    config = sweep.checked_config(name, argv, None)
+    assert (config["train_size"], config["head_epochs"] + config["epochs"], config["eval_every"]) == ("100", 800, 40)
+    assert (config["select"], config["augment"], config["joint"], config["learn"]) == ("last", "autoaugment", True,
+                                                                                      "morlet")
+    alone = sweep.checked_config(*grid[-1][:2], None)
+    assert (alone["n_blocks"], alone["head_width"], alone["optimizer"]) == (0, 2, "sgd")
+    for argv, message in ((["--epochs", "5"], "--preset literature sets --epochs itself (only --seed may narrow it, as "
+                                              "a list)"),
+                          (["--arm", "wavelet-two-phase"], "--arm: unknown protocol arm(s) ['wavelet-two-phase']; "
+                                                           "choose from " + str(list(sweep.train.PROTOCOL_ARMS)))):
+        args, extra = sweep.get_args_parser().parse_known_args(["--out", str(tmp_path / "x"), "--preset", "literature",
+                                                                "--dataset", "synthetic", *argv])
+        with pytest.raises(SystemExit):
+            sweep.main(args, extra)
+        assert capsys.readouterr().err.strip() == "error: " + message
+
+
+def test_a_tiny_literature_sweep_and_its_table_beside_the_published_numbers(tmp_path, monkeypatch, capsys):
+    import analyze
+    from scipy import stats
+    monkeypatch.setattr(sweep.train, "PROTOCOL_EPOCHS", {100: 2})
+    out = tmp_path / "lit"
+    args, extra = sweep.get_args_parser().parse_known_args([
+        "--out", str(out), "--preset", "literature", "--arm", "linear-wavelet-fixed,linear-wavelet-morlet",
+        "--seed", "0,1", "--jobs", "2", "--dataset", "synthetic", "--n-blocks", "1", "--L", "2",
+        "--global-batch-size", "50", "--print-freq", "0", "--device", "cpu"])
+    assert sweep.main(args, extra) == 0
+    analyze.main(analyze.get_args_parser().parse_args(["--results-dir", str(out), "--literature"]))
+    assert "Gauthier et al., CVPR 2022" in capsys.readouterr().out
+    table = pd.read_csv(out / "plots" / "literature.csv")
+    assert list(table.protocol) == ["linear | Morlet | fixed", "linear | Morlet | learnt Morlet parameters"]
+    runs = pd.read_csv(out / "plots" / "runs.csv")
+    for row, published in zip(table.itertuples(), (36.01, 37.84)):
+        ours = runs[runs.protocol == row.protocol].joint_acc
+        assert row.n == 2 and row.train_size == 100 and row.published_mean == published
+        assert row.difference == pytest.approx(ours.mean() - published)
+        assert row.p_value == pytest.approx(stats.ttest_1samp(ours, published).pvalue)
