@@ -43,7 +43,14 @@ OURS = {"ours-fixed-per-channel": FIXED,
         "ours-fixed-subsample": dict(FIXED, modulus_resolution="subsample"),
         "ours-fixed-full-resolution": dict(FIXED, modulus_resolution="full"),
         "ours-dense": dict(learnable=True, modulus_type="complex_modulus"),
-        "ours-phase_relu": dict(learnable=True, modulus_type="phase_relu")}
+        "ours-phase_relu": dict(learnable=True, modulus_type="phase_relu"),
+        "ours-morlet": dict(learnable=True, learn="morlet")}
+# --steps: whole training steps (forward, loss, backward, AdamW) on a CIFAR batch: ModelConfig fields.
+STEP_MODELS = {"learnt Morlet + linear": dict(learn="morlet"),
+               "learnt taps + linear (default)": {},
+               "fixed Morlet + WRN-16-8": dict(learn="morlet", learnable=False, head="cnn"),
+               "learnt Morlet + WRN-16-8": dict(learn="morlet", head="cnn"),
+               "WRN-16-2 alone": dict(n_blocks=0, head="cnn", head_width=2)}
 L_ORIENTATIONS = 8
 # A weight tensor beyond this many parameters is not worth timing (the dense 4-block net has billions).
 MAX_PARAMS = 50_000_000
@@ -63,6 +70,9 @@ def get_args_parser():
                         help="comma-separated: ours, kymatio, pytorch_wavelets")
     parser.add_argument("--training", action="store_true",
                         help="instead: one quick_check.py epoch on Fashion-MNIST, fast path vs DataLoader path")
+    parser.add_argument("--steps", action="store_true",
+                        help="instead: training steps (forward, backward, AdamW) of learnt Morlet and the CNN heads, "
+                             "fp32 / --amp / --channels-last, and the Morlet bank's share of a step")
     parser.add_argument("--accuracy", action="store_true",
                         help="instead: fixed ScatteringNet vs kymatio, same BN + linear head, full Fashion-MNIST")
     parser.add_argument("--epochs", type=int, default=30, help="--accuracy: epochs for each model")
@@ -256,6 +266,42 @@ def training_rows(args, device):
     return rows
 
 
+
+# ----------------------------------------------------------------------------- training steps
+
+def step_rows(args, device):
+    """images/s of whole training steps (STEP_MODELS) at the first --batch-sizes, fp32, bf16 autocast (--amp)
+    and channels_last; for learnt Morlet, how long making its filters takes within a step."""
+    batch, rows = args.batch_sizes[0], []
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    for name, fields in STEP_MODELS.items():
+        for amp, channels_last in ((False, False), (True, False), (False, True)):
+            model = ScatteringNet(ModelConfig(**fields)).to(device)
+            inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+            def step():
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = nn.functional.cross_entropy(model(inputs), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            seconds, calls = time_calls(step, device, args.min_seconds)
+            row = {"model": name, "batch": batch, "amp": amp, "channels_last": channels_last,
+                   "img_per_s": batch / seconds, "ms_per_step": 1000 * seconds, "calls": calls}
+            banks = [b.morlet for b in model.blocks if b.learn == "morlet" and b.morlet.theta.requires_grad]
+            if banks:  # each forward makes each block's filters three times (phi, psi_real, psi_imag)
+                made, _ = time_calls(lambda: [b.kernels() for b in banks for _ in range(3)], device, args.min_seconds)
+                row["morlet_share"] = made / seconds
+            rows.append(row)
+            share = f", Morlet filters {100 * row['morlet_share']:.1f} % of it" if "morlet_share" in row else ""
+            print(f"{name:<32} amp={amp!s:<5} channels_last={channels_last!s:<5} {rate(row['img_per_s']):>8} img/s, "
+                  f"{row['ms_per_step']:.1f} ms per step{share}", flush=True)
+    return rows
+
 # ----------------------------------------------------------------------------- accuracy
 
 class KymatioNet(nn.Module):
@@ -361,9 +407,9 @@ def main(args):
         torch.set_num_threads(args.threads)
     if args.epochs < 1:
         die(f"--epochs must be >= 1, got {args.epochs}")
-    kind = "accuracy" if args.accuracy else "training" if args.training else "speed"
+    kind = "accuracy" if args.accuracy else "training" if args.training else "steps" if args.steps else "speed"
     print(f"benchmark.py {kind} on {device}: {machine()}")
-    run = {"speed": speed_rows, "training": training_rows, "accuracy": accuracy_rows}[kind]
+    run = {"speed": speed_rows, "training": training_rows, "steps": step_rows, "accuracy": accuracy_rows}[kind]
     rows = run(args, device)
     if kind == "speed":
         print(markdown_table(rows))

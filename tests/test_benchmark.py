@@ -32,7 +32,7 @@ def test_ours_only_speed_run_writes_json(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     saved = json.loads(out.read_text())
-    assert saved["kind"] == "speed" and len(saved["rows"]) == 12  # 6 configurations x 2 passes
+    assert saved["kind"] == "speed" and len(saved["rows"]) == 14  # 7 configurations x 2 passes
     assert all(r["img_per_s"] > 0 and r["ratio_to_kymatio"] is None for r in saved["rows"])
     assert "| fmnist | ours-fixed-per-channel | 2 | forward |" in proc.stdout
 
@@ -84,3 +84,15 @@ def test_accuracy_compares_both_modulus_resolutions_on_a_folder(tmp_path, capsys
     assert all(r["dataset"] == "folder" and r["epochs"] == 1 and 0 <= r["test_acc"] <= r["best_test_acc_optimistic"] <= 100
                and r["select"] == "last" for r in rows)
     assert rows[0]["head_params"] == rows[1]["head_params"] == rows[2]["head_params"]  # same shapes, same head
+
+
+def test_training_steps_time_each_model_three_ways_and_the_morlet_filters_share(monkeypatch):
+    monkeypatch.setattr(benchmark, "STEP_MODELS", {"morlet": dict(learn="morlet", n_blocks=1, L=2),
+                                                   "alone": dict(n_blocks=0, head="cnn", head_depth=10, head_width=1)})
+    args = benchmark.get_args_parser().parse_args(["--steps", "--min-seconds", "0"])
+    args.batch_sizes = [4]
+    rows = benchmark.step_rows(args, benchmark.torch.device("cpu"))
+    assert [(r["model"], r["amp"], r["channels_last"]) for r in rows] == [
+        (m, a, c) for m in ("morlet", "alone") for a, c in ((False, False), (True, False), (False, True))]
+    assert all(r["img_per_s"] > 0 for r in rows)
+    assert all(0 < r["morlet_share"] < 1 for r in rows[:3]) and not any("morlet_share" in r for r in rows[3:])
