@@ -269,13 +269,13 @@ def training_rows(args, device):
 
 # ----------------------------------------------------------------------------- training steps
 
-def step_rows(args, device):
-    """images/s of whole training steps (STEP_MODELS) at the first --batch-sizes, fp32, bf16 autocast (--amp)
-    and channels_last; for learnt Morlet, how long making its filters takes within a step."""
+def step_rows(args, device, models=None):
+    """images/s of whole training steps (``models``, default STEP_MODELS) at the first --batch-sizes, fp32, bf16
+    autocast (--amp) and channels_last; for learnt Morlet, how long making its filters takes within a step."""
     batch, rows = args.batch_sizes[0], []
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    for name, fields in STEP_MODELS.items():
+    for name, fields in (models or STEP_MODELS).items():
         for amp, channels_last in ((False, False), (True, False), (False, True)):
             model = ScatteringNet(ModelConfig(**fields)).to(device)
             inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x

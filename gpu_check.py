@@ -12,6 +12,8 @@ Writes <out>/gpu_check.json and <out>/gpu_check.md (default out: runs/gpu-check-
 3. training throughput of Phase A (frozen blocks) and Phase B (everything) on CIFAR-shaped
    synthetic data, batch 512: DataLoader fp32 -> fast path -> + bf16 -> + channels_last ->
    + torch.compile, images/s, and the Phase B step's achieved TFLOP/s against the card's bf16 peak;
+   then whole training steps of learnt Morlet, the WRN-16-8 head on scattering and the CNN alone
+   (benchmark.py --steps: fp32, bf16, channels_last; the Morlet filters' share of a step);
 4. train.py on full Fashion-MNIST (2 blocks, L=8, phase_relu, 15 + 15 epochs): wall time per
    phase and accuracies;
 5. where several GPUs are visible, the same run under torchrun on all of them (NCCL).
@@ -41,8 +43,10 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 70.0, "4090": 165.0}
 # Full size and --quick size of the steps.
 SIZES = {"full": {"images": 50_000, "batch": 512, "steps": 60, "cases": ["cifar", "imagenet2"], "batches": [128],
+                  "step_models": list(benchmark.STEP_MODELS),
                   "train": ["--dataset", "fashion-mnist", "--epochs", "15"]},
          "quick": {"images": 1_024, "batch": 64, "steps": 3, "cases": ["cifar"], "batches": [8],
+                   "step_models": ["learnt Morlet + linear", "WRN-16-2 alone"],
                    "train": ["--dataset", "synthetic", "--train-size", "400", "--n-blocks", "1", "--L", "2",
                              "--epochs", "1", "--global-batch-size", "50"]}}
 # The training-throughput ladder: each row adds one speed feature to the one before.
@@ -78,6 +82,14 @@ def speed_table(device, size):
     args = argparse.Namespace(cases=size["cases"], systems=systems, batch_sizes=size["batches"],
                               min_seconds=0.0 if size is SIZES["quick"] else 1.0)
     return benchmark.speed_rows(args, device)
+
+
+def new_mode_steps(device, size):
+    """Step 3, second part: benchmark.py --steps for the models of this form (its training batch; --quick: its
+    speed-table batch, small enough for a CPU)."""
+    quick = size is SIZES["quick"]
+    args = argparse.Namespace(batch_sizes=size["batches"] if quick else [size["batch"]], min_seconds=0.0 if quick else 1.0)
+    return benchmark.step_rows(args, device, {name: benchmark.STEP_MODELS[name] for name in size["step_models"]})
 
 
 def synthetic_loader(images, labels, batch, device, fast_path):
@@ -183,7 +195,13 @@ def markdown(report):
     t = report["throughput"]
     share = f", {100 * t['share_of_peak']:.1f} % of the {t['bf16_peak_tflops']:.0f} TFLOP/s bf16 peak" \
         if t["share_of_peak"] else ""
-    lines += ["", f"Phase B step: {t['phase_b_step_gflop']:.1f} GFLOP, {t['phase_b_tflops']:.2f} TFLOP/s{share}.", ""]
+    lines += ["", f"Phase B step: {t['phase_b_step_gflop']:.1f} GFLOP, {t['phase_b_tflops']:.2f} TFLOP/s{share}.", "",
+              "Training steps of the new modes (images/s):", "", "| model | bf16 | channels_last | images/s | "
+              "Morlet filters' share |", "|---|---|---|---:|---:|"]
+    for r in report["steps"]:
+        share = f"{100 * r['morlet_share']:.1f} %" if "morlet_share" in r else "-"
+        lines.append(f"| {r['model']} | {r['amp']} | {r['channels_last']} | {r['img_per_s']:,.0f} | {share} |")
+    lines.append("")
     for run in report["train_runs"]:
         lines.append(f"4/5. train.py: {json.dumps(run)}")
     return "\n".join(lines) + "\n"
@@ -205,6 +223,7 @@ def main(args):
     report["speed"] = speed_table(device, size)
     report["throughput"] = throughput(device, size)
     print(f"3. Phase B step: {report['throughput']['phase_b_tflops']:.3f} TFLOP/s", flush=True)
+    report["steps"] = new_mode_steps(device, size)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 1
     report["train_runs"] = [train_run(device, size, out, args.data_dir)]
     if gpus > 1:
