@@ -377,3 +377,14 @@ def test_the_cnn_head_is_a_wide_resnet():
     assert hybrid.cnn.stem.in_channels == 243 and hybrid(x).shape == (2, 10)
     assert hybrid.head_parameters() == list(hybrid.cnn.parameters())
     torch.testing.assert_close(hybrid(x), hybrid.cnn(hybrid.blocks(x)))
+
+
+@pytest.mark.parametrize("fields", [dict(learn="morlet"), dict(learn="morlet", learnable=False),
+                                    dict(learn="morlet", modulus_type="phase_relu", head="cnn", head_depth=10,
+                                         head_width=1),
+                                    dict(n_blocks=0, head="cnn", head_depth=10, head_width=1)])
+def test_the_morlet_and_cnn_models_trace_to_one_graph(fields):
+    import torch._dynamo as dynamo
+    dynamo.reset()
+    explained = dynamo.explain(ScatteringNet(Config(**fields)))(torch.randn(2, 3, 32, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
