@@ -530,6 +530,18 @@ LITERATURE_LIMITS = ("one-sample t-test of our seeds against the published mean,
                      "+-1.5 points of sampling error at 50 %, shared by every seed) is not theirs")
 
 
+# The protocol's paired questions, beyond the paper: (row minus row), by seed at each size (train.protocol_row).
+LEARNT_MORLET, LEARNT_TAPS = "learnt Morlet parameters", "learnt taps, per channel"
+PROTOCOL_COMPARISONS = [
+    (f"linear | Morlet | {LEARNT_MORLET}", f"linear | Morlet | {LEARNT_TAPS}"),
+    (f"linear | Morlet | {LEARNT_MORLET}", "linear | Morlet | fixed"),
+    (f"linear | Morlet | {LEARNT_TAPS}", "linear | Morlet | fixed"),
+    (f"linear | Morlet | {LEARNT_MORLET}", f"linear | random | {LEARNT_MORLET}"),
+    (f"WRN-16-8 | Morlet | {LEARNT_MORLET}", "WRN-16-8 | Morlet | fixed"),
+    (f"WRN-16-8 | Morlet | {LEARNT_MORLET}", "WRN-16-2 alone | - | -"),
+]
+
+
 def published_key(protocol):
     """The PUBLISHED row a run's protocol row (train.protocol_row, joined by ' | ') compares with, or None."""
     head, init, trains = protocol.split(" | ")
@@ -541,7 +553,7 @@ def literature_table(table):
     """Per protocol row and training-set size (runs selected on held-out data or at the last epoch): our
     final-phase test accuracy over seeds, the published mean +- std beside it, and the one-sample test."""
     runs = table[table["select"] != "test"].copy()
-    runs["acc"] = runs.joint_acc.fillna(runs.finetune_acc) if "joint_acc" in runs else runs.finetune_acc
+    runs["acc"] = runs.joint_acc.fillna(runs.finetune_acc)
     rows = []
     for (base, protocol, size), group in runs.groupby(["base", "protocol", "train_size"], sort=False):
         key = published_key(protocol)
@@ -557,6 +569,20 @@ def literature_table(table):
     return pd.DataFrame(rows).sort_values(["protocol", "train_size"]).reset_index(drop=True) if rows else None
 
 
+def literature_pairs(table):
+    """PROTOCOL_COMPARISONS paired by seed at each training-set size (same dataset and selection rule)."""
+    runs = table[table["select"] != "test"].copy()
+    runs["acc"] = runs.joint_acc.fillna(runs.finetune_acc)
+    rows = []
+    for first, second in PROTOCOL_COMPARISONS:
+        ours, theirs = runs[runs.protocol == first], runs[runs.protocol == second]
+        pairs = ours.merge(theirs, on=["dataset", "select", "train_size", "seed"], suffixes=("", "_other"))
+        for size, group in pairs.groupby("train_size"):
+            rows.append({"comparison": f"{first}  -  {second}", "train_size": size,
+                         **difference_stats(group.acc - group.acc_other)})
+    return pd.DataFrame(rows) if rows else None
+
+
 def report_literature(table, plots_dir):
     lit = literature_table(table)
     print("\nthe small-data table (ours: mean +- std over seeds of the final phase's test accuracy; published: "
@@ -568,6 +594,11 @@ def report_literature(table, plots_dir):
     print(f"p_value: {LITERATURE_LIMITS}")
     path = os.path.join(plots_dir, "literature.csv")
     atomic_write(path, lambda f: f.write(lit.to_csv(index=False).encode()))
+    pairs = literature_pairs(table)
+    if pairs is not None:
+        print("\npaired by seed (accuracy points; p: paired t-test; CI: 95 %; both rows on the same test images):")
+        print(pairs.to_string(float_format=lambda v: f"{v:.4g}", na_rep="-"))
+        atomic_write(os.path.join(plots_dir, "literature_pairs.csv"), lambda f: f.write(pairs.to_csv(index=False).encode()))
     return path
 
 
