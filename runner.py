@@ -664,7 +664,7 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
         held_text = f"val acc {held_out['acc']:.2f}% | " if held_out else ""
         test_text = f"test acc {test['acc']:.2f}% | " if test else "not evaluated | "
         main_print(f"{phase} epoch {epoch}/{epochs}: train loss {train['loss']:.4f} acc {train['acc']:.2f}% | "
-                   f"{held_text}{test_text}selected epoch {stopper.best_epoch} ({args.select})"
+                   f"{held_text}{test_text}selected epoch {stopper.best_epoch or '-'} ({args.select})"
                    f" | lr {row['lr']:.2e} | {row['seconds']:.1f} s, {train['img_per_s']:.0f} img/s")
         model_state = cpu_state(model)  # one copy per epoch: the best state, best.pth and last.pth share it
         if improved:
