@@ -386,3 +386,21 @@ def test_stability_of_real_checkpoints_writes_its_table_and_plot(real_run, tmp_p
     code, _, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--stability", checkpoints[0],
                                "--stability-images", "1")
     assert code == 2 and err == "error: --stability-images must be >= 2 (the baseline pairs unrelated images), got 1\n"
+
+
+def test_filters_of_a_learnt_morlet_checkpoint_print_its_parameters_before_and_after(tmp_path, capsys):
+    save_dir = tmp_path / "morlet"
+    train.main(train.get_args_parser().parse_args([
+        "--dataset", "synthetic", "--train-size", "200", "--n-blocks", "1", "--L", "2", "--epochs", "1",
+        "--global-batch-size", "50", "--seed", "3", "--print-freq", "0", "--threads", "1", "--lr-extractor", "1e-2",
+        "--device", "cpu", "--learn", "morlet", "--init", "random", "--joint", "--save-dir", str(save_dir)]))
+    capsys.readouterr()
+    code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--filters", str(save_dir / "joint" / "best.pth"))
+    assert code == 0, err
+    (results,) = glob.glob(str(save_dir / "results_*.json"))
+    recorded = json.load(open(results))["results"]["morlet_parameters"]
+    rows = out.split("Morlet parameters")[1].splitlines()[4:6]  # orientations 0 and 1
+    for row, start, end in zip(rows, recorded["initial"][0]["orientations"], recorded["learnt"][0]["orientations"]):
+        values = [float(v) for v in row.split()[1:]]  # initial, learnt, change: theta, xi, sigma, slant each
+        assert values[:4] == pytest.approx([start[k] for k in ("theta", "xi", "sigma", "slant")], abs=1e-4)
+        assert values[4:8] == pytest.approx([end[k] for k in ("theta", "xi", "sigma", "slant")], abs=1e-4)
