@@ -158,12 +158,12 @@ def protocol_cells(axes, shared, arms):
     fixed = [flag for flag in ("--train-size", "--epochs", "--head-epochs", "--eval-every", "--seed") if flag in shared]
     if other or fixed:
         die(f"--preset literature sets {', '.join(other + fixed)} itself (only --seed may narrow it, as a list)")
-    grid = []
-    for arm in arms or train.PROTOCOL_ARMS:
-        for size, epochs in train.PROTOCOL_EPOCHS.items():
-            budget = ["--train-size", str(size), "--head-epochs", str(epochs // 2), "--epochs", str(epochs - epochs // 2),
-                      "--eval-every", str(max(1, epochs // train.PROTOCOL_EVALUATIONS))]
-            for seed in axes.get("--seed", train.PROTOCOL_SEEDS):
+    grid = []  # size, then seed, then arm: a sweep stopped early has whole paired rows of the smallest sizes
+    for size, epochs in train.PROTOCOL_EPOCHS.items():
+        budget = ["--train-size", str(size), "--head-epochs", str(epochs // 2), "--epochs", str(epochs - epochs // 2),
+                  "--eval-every", str(max(1, epochs // train.PROTOCOL_EVALUATIONS))]
+        for seed in axes.get("--seed", train.PROTOCOL_SEEDS):
+            for arm in arms or train.PROTOCOL_ARMS:
                 argv = [*train.PROTOCOL_SHARED, *train.PROTOCOL_ARMS[arm], *shared, *budget, "--seed", str(seed)]
                 grid.append((f"{arm}__train-size={size}__seed={seed}", argv, None))
     return grid
