@@ -414,9 +414,9 @@ def save(plt, fig, path, rect=(0, 0, 1, 1)):
 
 # ----------------------------------------------------------------------------- learnt filters
 
-def model_from_checkpoint(path, trusted=False):
-    """The ScatteringNet of a train.py / quick_check.py checkpoint, rebuilt from the config it carries, and
-    the same network as it was initialised (its seed's draws; None when the checkpoint records no seed).
+def model_from_checkpoint(path, trusted=False, flag="--filters"):
+    """(the ScatteringNet of a train.py / quick_check.py checkpoint, rebuilt from the config it carries, and the
+    run's recorded flags, {} when it has none); ``flag`` starts the error line.
 
     Checkpoints carry ``model_config``; older ones only their flags under
     ``config``, with the input shape taken from the dataset's facts.
@@ -424,18 +424,16 @@ def model_from_checkpoint(path, trusted=False):
     try:
         ckpt = load_checkpoint(path, trusted=trusted)
     except CheckpointError as e:
-        die(f"--filters: {e}")
+        die(f"{flag}: {e}")
     try:
         saved = ckpt.get("model_config") or ckpt["config"]
         config = ModelConfig.from_dict(saved, None if "model_config" in ckpt else data.INFO[saved["dataset"]])
-        seed = (ckpt.get("config") or {}).get("seed")
-        initial = None if seed is None else runner.build_model(config, seed, "cpu")
         model = ScatteringNet(config)
         model.load_state_dict(ckpt["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-        die(f"--filters: {path} holds no ScatteringNet these scripts can rebuild ({type(e).__name__}: "
+        die(f"{flag}: {path} holds no ScatteringNet these scripts can rebuild ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:120] if str(e) else ''})")
-    return model, initial
+    return model, ckpt.get("config") or {}
 
 
 def morlet_changes(initial, learnt):
@@ -487,9 +485,11 @@ def filters_plot_name(checkpoint, results_dir):
 
 
 def report_filters(plt, checkpoint, plots_dir, results_dir, trusted=False):
-    model, initial = model_from_checkpoint(checkpoint, trusted)
+    model, run_config = model_from_checkpoint(checkpoint, trusted)
     if not len(model.blocks):
         die(f"--filters: {checkpoint} is the CNN alone (--n-blocks 0): it has no wavelets to draw")
+    seed = run_config.get("seed")  # the network as the run began: its seed's draws (unknown without one)
+    initial = None if seed is None else runner.build_model(model.config, seed, "cpu")
     block = model.blocks[0]
     if block.lowpass_only:
         die(f"--filters: block 0 of {checkpoint} is low-pass only: it has no wavelets to draw")
@@ -705,10 +705,9 @@ def report_stability(plt, checkpoints, plots_dir, count, data_dir=None, trusted=
         die(f"--stability-images must be >= 2 (the baseline pairs unrelated images), got {count}")
     rows, images = [], {}
     for checkpoint in checkpoints:
-        model, _ = model_from_checkpoint(checkpoint, trusted)
+        model, config = model_from_checkpoint(checkpoint, trusted, "--stability")
         if not len(model.blocks):
             die(f"--stability: {checkpoint} is the CNN alone (--n-blocks 0): it has no scattering to measure")
-        config = load_checkpoint(checkpoint, trusted=trusted).get("config") or {}
         key = (config.get("dataset"), data_dir or config.get("data_dir"), config.get("image_size"))
         if key not in images:
             images[key] = stability_images(config, data_dir, count)

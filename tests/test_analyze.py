@@ -123,6 +123,8 @@ def test_filters_of_a_real_checkpoint(real_run, tmp_path, capsys):
     (["--results-dir", "MISSING/x"], "error: --results-dir MISSING/x is not a folder"),
     (["--results-dir", "EMPTY", "--filters", "MISSING/best.pth"], "error: --filters: "
                                                                   "checkpoint MISSING/best.pth does not exist"),
+    (["--results-dir", "EMPTY", "--stability", "MISSING/best.pth"], "error: --stability: "
+                                                                    "checkpoint MISSING/best.pth does not exist"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     args = [a.replace("EMPTY", str(tmp_path)).replace("MISSING", str(tmp_path / "missing")) for a in args]
