@@ -549,12 +549,18 @@ def published_key(protocol):
     return key if key in PUBLISHED else None
 
 
+def protocol_runs(table):
+    """The runs the literature's table may use (selected on held-out data or at the last epoch, never on
+    test), with ``acc``: each one's final-phase test accuracy (joint_acc, else finetune_acc)."""
+    runs = table[table["select"] != "test"].copy()
+    runs["acc"] = runs.joint_acc.fillna(runs.finetune_acc)
+    return runs
+
+
 def literature_table(table):
     """Per protocol row and training-set size (runs selected on held-out data or at the last epoch): our
     final-phase test accuracy over seeds, the published mean +- std beside it, and the one-sample test."""
-    runs = table[table["select"] != "test"].copy()
-    runs["acc"] = runs.joint_acc.fillna(runs.finetune_acc)
-    rows = []
+    runs, rows = protocol_runs(table), []
     for (base, protocol, size), group in runs.groupby(["base", "protocol", "train_size"], sort=False):
         key = published_key(protocol)
         published = PUBLISHED[key].get(size) if key else None
@@ -571,9 +577,7 @@ def literature_table(table):
 
 def literature_pairs(table):
     """PROTOCOL_COMPARISONS paired by seed at each training-set size (same dataset and selection rule)."""
-    runs = table[table["select"] != "test"].copy()
-    runs["acc"] = runs.joint_acc.fillna(runs.finetune_acc)
-    rows = []
+    runs, rows = protocol_runs(table), []
     for first, second in PROTOCOL_COMPARISONS:
         ours, theirs = runs[runs.protocol == first], runs[runs.protocol == second]
         pairs = ours.merge(theirs, on=["dataset", "select", "train_size", "seed"], suffixes=("", "_other"))
