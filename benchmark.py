@@ -31,8 +31,8 @@ import data
 import quick_check
 import runner
 from scattering_net import ModelConfig, ScatteringNet, count_parameters
-from spatial_scattering import MODULUS_RESOLUTIONS
-from utils import die, keep_freed_memory, write_json
+from spatial_scattering import MODULUS_RESOLUTIONS, keep_freed_memory
+from utils import die, write_json
 
 # (channels, spatial size, J): the shapes of CIFAR-10, Fashion-MNIST and ImageNet.
 CASES = {"cifar": (3, 32, 2), "fmnist": (1, 28, 2), "imagenet2": (3, 224, 2), "imagenet4": (3, 224, 4)}
@@ -400,7 +400,7 @@ def main(args):
     args.batch_sizes = parse_list("--batch-sizes", args.batch_sizes, cast=int)
     device = runner.pick_device(args.device, 0)
     if device.type == "cpu":
-        keep_freed_memory()  # as train.py does on CPU
+        keep_freed_memory()  # for every system alike, as a ScatteringBlock does when built
     if args.threads is not None and args.threads < 1:
         die(f"--threads must be >= 1, got {args.threads}")
     if args.threads:

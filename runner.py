@@ -30,9 +30,10 @@ import torch.nn as nn
 import data
 from engine import EarlyStopping, NonFiniteLoss, evaluate, train_one_epoch
 from scattering_net import TRAINING_BYTES_PER_PARAM, ModelConfig, ScatteringNet, count_parameters, describe_plan
+from spatial_scattering import keep_freed_memory
 from utils import (DIST_TIMEOUT_S, CheckpointError, SaveDirLock, WriteError, barrier, broadcast_object,
                    cleanup_distributed, device_memory_bytes, die, distributed_env, init_distributed, is_main_process,
-                   keep_freed_memory, let_writes_fail, load_checkpoint, main_print, now_iso, provenance,
+                   let_writes_fail, load_checkpoint, main_print, now_iso, provenance,
                    save_checkpoint, seed_everything, write_json)
 
 PHASES = ("phase_a", "phase_b")
@@ -286,7 +287,7 @@ def start(args, batch_size, device, rank, world_size):
     except ValueError as e:
         die(e, every_rank=True)  # each rank says it: the one that is missing may be rank 0
     if device.type == "cpu":
-        keep_freed_memory()
+        keep_freed_memory()  # before the data too (the CNN alone has no ScatteringBlock to set it)
     if args.threads:
         torch.set_num_threads(args.threads)
     seed = broadcast_object(args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31))

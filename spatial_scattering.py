@@ -40,7 +40,10 @@ Two options change the data flow:
   cos(3 pi / 8) ~ 0.38 of the Morlet carrier (3 pi / 4 rad/sample) along an
   axis; a single tap passes all of it. Same fused convolution, same cost.
 """
+import ctypes
+import functools
 import math
+import os
 
 import numpy as np
 import torch
@@ -78,6 +81,21 @@ RANDOM_THETA = (0.0, math.pi)
 RANDOM_XI = (math.pi / 4, math.pi)
 RANDOM_SIGMA = (0.5, 2.0)
 RANDOM_SLANT = (0.5, 1.5)
+# strided_conv goes polyphase (space-to-depth, stride 1) on the CPU up to this many input channels per group.
+# Measured (BENCHMARKS.md, "Where the time goes"), forward + backward, 2 threads, CIFAR batch of 128: polyphase
+# is 1.1-2x faster with 1, 3 and 9 inputs per group, and 1.15x slower for the dense second block's 27.
+POLYPHASE_MAX_GROUP_INPUTS = 9
+# glibc malloc serves every block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh
+# mmap and gives it back when freed (and trims the heap's free top), so each forward pass page-faults its
+# activations in again: about 35 MiB per CIFAR batch of 128, a third to half of the forward on 2 cores
+# (BENCHMARKS.md, "Where the time goes"). A ScatteringBlock therefore sets, once per process, a fixed
+# threshold and a high trim limit (keep_freed_memory). mallopt parameter numbers from glibc's malloc.h;
+# 32 MiB is the largest threshold it accepts on 64-bit.
+GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20
+KEEP_FREED_BYTES = 2 ** 30  # freed memory kept for reuse before glibc returns it to the system
+# Set to 0 to keep glibc's own policy (the process then returns freed memory at once, and runs slower).
+KEEP_FREED_MEMORY_ENV = "SCATTERING_KEEP_FREED_MEMORY"
 # Grid of the zero-padded FFT that locates a K x K filter's spectral peak: 2*pi/256 ~ 0.025 rad/sample
 # resolution, ten times finer than the frequency shifts that training produces (docs/EXPERIMENTS.md).
 FFT_SIZE = 256
@@ -164,6 +182,62 @@ def compose_downsampling(weight, down):
     return sum(shifted)
 
 
+@functools.cache
+def keep_freed_memory():
+    """Make glibc malloc keep freed blocks up to 32 MiB for reuse instead of unmapping them, once per process.
+
+    Every ScatteringBlock calls it when built, so a script that only imports
+    the model runs at the training scripts' speed. Returns True when set;
+    False without glibc (macOS, Windows, musl) or when the environment sets
+    SCATTERING_KEEP_FREED_MEMORY=0. Its one effect on the process: freed
+    memory (up to 1 GiB of it) stays mapped for the next allocation instead
+    of going back to the system, so the resident size stays near its peak.
+    """
+    if os.environ.get(KEEP_FREED_MEMORY_ENV, "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(GLIBC_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)) and bool(
+        libc.mallopt(GLIBC_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
+
+
+def strided_conv(x, weight, padding, groups):
+    """``F.conv2d(x, weight, stride=2, padding=padding, groups=groups)`` for an even k x k kernel.
+
+    On the CPU it is computed polyphase (space-to-depth): with x' the padded
+    input and u = 2p + a, v = 2q + b (a, b in {0, 1}),
+
+        y[i, j] = sum_{u,v} w[u, v] x'[2i + u, 2j + v]
+                = sum_{a,b} sum_{p,q} w[2p + a, 2q + b] x'_ab[i + p, j + q],   x'_ab[m, n] = x'[2m + a, 2n + b],
+
+    a stride-1 convolution of the four phases x'_ab (``pixel_unshuffle``) with
+    (k/2) x (k/2) kernels: the same multiply-adds, but oneDNN's stride-1
+    kernels, and above all their input gradient (a stride-1 transposed
+    convolution instead of a stride-2 one), run 2-3x faster on this project's
+    shapes (BENCHMARKS.md, "Where the time goes"). The phases go channels_last,
+    the layout those kernels are fastest in; the result stays channels_last
+    (the same values; ``reshape``, not ``view``, reads it). The direct strided
+    convolution is kept on CUDA (cuDNN's own stride-2 kernels; not measured
+    otherwise) and for groups of more than POLYPHASE_MAX_GROUP_INPUTS inputs.
+    """
+    if x.device.type != "cpu" or weight.shape[1] > POLYPHASE_MAX_GROUP_INPUTS:
+        return F.conv2d(x, weight, stride=2, padding=padding, groups=groups)
+    k = weight.shape[-1]
+    H, W = x.shape[-2:]
+    rows, cols = (H + 2 * padding - k) // 2 + 1, (W + 2 * padding - k) // 2 + 1  # the strided convolution's output
+    # pad to an even size: a row or column past the last kept window changes no kept output
+    x = F.pad(x, (padding, padding + (W + 2 * padding) % 2, padding, padding + (H + 2 * padding) % 2))
+    phases = F.pixel_unshuffle(x, 2)  # (B, C, H', W') -> (B, 4C, H'/2, W'/2), channel 4c + 2a + b
+    O, I = weight.shape[:2]
+    h = k // 2
+    weight = weight.reshape(O, I, h, 2, h, 2).permute(0, 1, 3, 5, 2, 4)  # (O, I, k, k) -> (O, I, a, b, p, q)
+    y = F.conv2d(phases.contiguous(memory_format=torch.channels_last), weight.reshape(O, 4 * I, h, h),
+                 groups=groups)  # (O, I, a, b, p, q) -> (O, 4I, k/2, k/2): input channel 4i + 2a + b
+    return y[..., :rows, :cols]
+
+
 def safe_modulus(re, im):
     """sqrt(re^2 + im^2) with gradient 0 (not NaN) where both are 0.
 
@@ -173,6 +247,46 @@ def safe_modulus(re, im):
     """
     squared = re * re + im * im
     return torch.sqrt(torch.clamp(squared, min=torch.finfo(squared.dtype).tiny))
+
+
+class LowpassAndModulus(torch.autograd.Function):
+    """``cat(S0, safe_modulus(re, im))`` from a grouped convolution's output, in one pass each way.
+
+    y: (B, g*(n0 + 2*n1), H, W), per group the n0 low-pass outputs, then n1
+    real and n1 imaginary parts (any memory layout). Returns (B, g*(n0 + n1),
+    H, W), contiguous: the g*n0 low-pass channels, then the g*n1 moduli.
+
+    The composed version (split, square, add, clamp, sqrt, reshape, cat) makes
+    seven full-size temporaries and reads them back; here the output is written
+    once (``torch.hypot`` into it) and the backward is the modulus's own
+    derivative, d|z|/d re = re / |z|, taken as 0 where |z| = 0 (the subgradient
+    at the cone's tip, as ``safe_modulus``). First derivatives only.
+    """
+
+    @staticmethod
+    def forward(ctx, y, groups, n_lowpass, n_wavelet):
+        B, _, H, W = y.shape
+        S0, re, im = split_groups(y, groups, [n_lowpass, n_wavelet, n_wavelet])
+        modulus = torch.addcmul(re * re, im, im).sqrt_()  # (B, g, n1, H, W), in y's layout
+        out = torch.cat([S0.reshape(B, -1, H, W), modulus.reshape(B, -1, H, W)], dim=1)  # -> (B, g*n0 + g*n1, H, W)
+        ctx.save_for_backward(y, out)
+        ctx.sizes = groups, n_lowpass, n_wavelet
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        y, out = ctx.saved_tensors
+        groups, n_lowpass, n_wavelet = ctx.sizes
+        B, _, H, W = y.shape
+        C = groups * n_lowpass
+        _, re, im = split_groups(y, groups, [n_lowpass, n_wavelet, n_wavelet])
+        d_lowpass = grad_out[:, :C].reshape(B, groups, n_lowpass, H, W)  # (B, C, H, W) -> (B, g, n0, H, W)
+        modulus = out[:, C:].reshape(B, groups, n_wavelet, H, W).clamp_min(torch.finfo(y.dtype).tiny)
+        d_modulus = grad_out[:, C:].reshape(B, groups, n_wavelet, H, W)  # (B, CL, H, W) -> (B, g, n1, H, W)
+        # re / |z| <= 1 first: no overflow where |z| is tiny and the incoming gradient large
+        d_y = torch.cat([d_lowpass, re / modulus * d_modulus, im / modulus * d_modulus], dim=2)  # (B, g, n0+2n1, H, W)
+        return d_y.reshape(y.shape), None, None, None  # -> (B, g*(n0 + 2*n1), H, W)
 
 
 def pad_input(x, kernel_size, padding_mode):
@@ -342,6 +456,7 @@ class ScatteringBlock(nn.Module):
                  modulus_resolution="half", learn="taps"):
         super().__init__()
         self._check_options(in_channels, modulus_type, padding_mode, max_order, in_orders, modulus_resolution, learn)
+        keep_freed_memory()  # once per process: activations reused, not page-faulted in on every call
         mixing_horizon = morlet_horizon(learn, mixing_horizon)
         bank = wavelet_kernels.filter_bank(L, kernel_size)
         self.in_channels, self.L, self.kernel_size = in_channels, L, kernel_size
@@ -480,11 +595,15 @@ class ScatteringBlock(nn.Module):
         """True when no weight trains and every output sees only its own input channel (as at init).
 
         Then the forward pass runs per channel (groups=C): the same result for
-        C/g times fewer multiply-adds. Cached until a weight changes (in-place
+        C/g times fewer multiply-adds. Not under ``torch.compile``, which cannot
+        trace a choice that depends on the weights' values: there the block
+        runs its full grouped convolution (the same result, more multiply-adds). Cached until a weight changes (in-place
         updates bump a tensor's version counter; moves change its storage).
         """
         convs = list(self.filter_convs().values())
         if all(conv.groups == conv.in_channels for conv in convs) or any(c.weight.requires_grad for c in convs):
+            return False
+        if torch.compiler.is_compiling():  # a data-dependent choice of shapes: compiled, the block runs as it is
             return False
         key = tuple((c.weight.data_ptr(), c.weight._version) for c in convs)
         if getattr(self, "_diagonal_cache", (None,))[0] != key:
@@ -509,15 +628,16 @@ class ScatteringBlock(nn.Module):
         per_channel = self.is_frozen_block_diagonal()
         g = self.in_channels if per_channel else self.groups
         if self.single_convolution:
-            y = F.conv2d(x, self.fused_weight(g), stride=2, padding=padding, groups=g)
+            y = strided_conv(x, self.fused_weight(g), padding, g)
             if self.lowpass_only:
                 return y
             C, CL = self.in_channels, self.in_channels * self.L
+            if self.modulus_type == "complex_modulus":
+                return LowpassAndModulus.apply(y, g, C // g, CL // g)
             S0, re, im = split_groups(y, g, [C // g, CL // g, CL // g])
             B, _, H, W = y.shape
             return torch.cat([S0.reshape(B, C, H, W), self.phase_modulus(re, im)], dim=1)  # S0: (B, g, C/g, H, W)
-        S0 = F.conv2d(x, self._grouped_weight([(self.phi_conv, self.phi_pool)], g), stride=2, padding=padding,
-                      groups=g)
+        S0 = strided_conv(x, self._grouped_weight([(self.phi_conv, self.phi_pool)], g), padding, g)
         return self._by_order(S0, self._band_pass(x, padding, per_channel))
 
     def _band_pass(self, x, padding, per_channel):
@@ -528,7 +648,7 @@ class ScatteringBlock(nn.Module):
         x = x[:, :P]  # (B, C, M, N) -> (B, P, M, N): the channels of order < max_order
         full = self.modulus_resolution == "full"  # stride-1 responses, pooled after the modulus
         weight = self._grouped_weight(pairs, g, downsample=not full)
-        y = F.conv2d(x, weight, stride=1 if full else 2, padding=padding, groups=g)
+        y = (F.conv2d(x, weight, padding=padding, groups=g) if full else strided_conv(x, weight, padding, g))
         S1 = self.phase_modulus(*split_groups(y, g, [P * self.L // g] * 2))
         return self.psi_pool(S1) if full else S1
 

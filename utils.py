@@ -2,7 +2,6 @@
 
 Nothing here imports from the project.
 """
-import ctypes
 import datetime
 import json
 import math
@@ -21,13 +20,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-# glibc malloc serves every block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a
-# fresh mmap and unmaps it when freed, so each forward pass page-faults its activations in again:
-# on 2 CPU cores that is half the time of a CIFAR-sized scattering forward (BENCHMARKS.md).
-# mallopt parameter numbers from glibc's malloc.h; 32 MiB is the largest threshold it accepts on 64-bit.
-GLIBC_M_TRIM_THRESHOLD, GLIBC_M_MMAP_THRESHOLD = -1, -3
-GLIBC_MMAP_THRESHOLD_MAX = 32 * 2 ** 20
-KEEP_FREED_BYTES = 2 ** 30  # freed memory kept for reuse before glibc returns it to the system
 # How long DDP processes wait for each other (start-up and each collective) before giving up: torch's
 # NCCL default (10 min), not Gloo's 30 min, so that a missing rank is reported the same on CPU and GPU.
 DIST_TIMEOUT_S = 600.0
@@ -40,16 +32,6 @@ def die(message, every_rank=False):
     if every_rank or not rank.isdigit() or int(rank) == 0:  # a malformed RANK: the one process there is says it
         print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
-
-
-def keep_freed_memory():
-    """Make glibc malloc reuse freed blocks up to 32 MiB instead of unmapping them; False when not glibc."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(GLIBC_M_MMAP_THRESHOLD, GLIBC_MMAP_THRESHOLD_MAX)) and bool(
-        libc.mallopt(GLIBC_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
 def device_memory_bytes(device):

@@ -1,14 +1,19 @@
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+import spatial_scattering
 import wavelet_kernels as wk
-from spatial_scattering import (RANDOM_SIGMA, RANDOM_SLANT, RANDOM_THETA, RANDOM_XI, MorletBank, ScatteringBlock,
-                                block_parameter_count, compose_downsampling, filter_movement, mixing_groups,
-                                output_orders)
+from spatial_scattering import (POLYPHASE_MAX_GROUP_INPUTS, RANDOM_SIGMA, RANDOM_SLANT, RANDOM_THETA, RANDOM_XI,
+                                LowpassAndModulus, MorletBank, ScatteringBlock, block_parameter_count,
+                                compose_downsampling, filter_movement, mixing_groups, output_orders, safe_modulus,
+                                split_groups, strided_conv)
 
 
 def per_channel_scattering(x, L, K, padding_mode="zeros"):
@@ -462,3 +467,68 @@ def test_morlet_filters_are_made_once_while_nothing_changes():
     with torch.no_grad():
         cached = block.morlet.kernels()
         assert block.morlet.kernels() is cached and not cached["psi_real"].requires_grad
+
+
+PAGE_FAULT_PROBE = """
+import resource, torch
+torch.set_num_threads(1)  # one malloc arena: the count does not depend on how many threads the pool starts
+from scattering_net import ModelConfig, ScatteringNet
+net, x = ScatteringNet(ModelConfig(learnable=False, mixing_horizon=1)), torch.randn(64, 3, 32, 32)
+with torch.no_grad():
+    net(x)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        net(x)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_a_plain_import_reuses_its_activations_and_the_setting_can_be_refused():
+    """A script that only imports and builds the model gets the scripts' allocator setting (no page faults per
+    call); SCATTERING_KEEP_FREED_MEMORY=0 keeps glibc's policy, which page-faults the activations in every call."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    faults = {}
+    for setting in ("unset", "0"):
+        env = {k: v for k, v in os.environ.items() if k != spatial_scattering.KEEP_FREED_MEMORY_ENV}
+        if setting != "unset":
+            env[spatial_scattering.KEEP_FREED_MEMORY_ENV] = setting
+        faults[setting] = int(subprocess.run([sys.executable, "-c", PAGE_FAULT_PROBE], cwd=root, env=env,
+                                             capture_output=True, text=True, check=True).stdout)
+    assert faults["0"] > 5 * 1000  # activations of several MiB, faulted in again on every call
+    assert faults["unset"] < faults["0"] / 10
+
+
+@pytest.mark.parametrize("size,padding,groups,group_inputs", [(32, 3, 3, 1), (7, 3, 2, 3), (9, 0, 1, 2), (6, 1, 4, 1),
+                                                              (5, 3, 1, POLYPHASE_MAX_GROUP_INPUTS + 1)])
+def test_strided_conv_is_the_stride_2_convolution_and_so_are_its_gradients(size, padding, groups, group_inputs):
+    """Polyphase (odd sizes padded to even, then trimmed) or direct (many inputs per group): the same outputs
+    and, in float64, gradients that pass gradcheck for the input and the weight."""
+    torch.manual_seed(0)
+    x = torch.randn(2, groups * group_inputs, size, size, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(groups * 3, group_inputs, 8, 8, dtype=torch.float64, requires_grad=True)
+    expected = F.conv2d(x, w, stride=2, padding=padding, groups=groups)
+    torch.testing.assert_close(strided_conv(x, w, padding, groups), expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w: strided_conv(x, w, padding, groups), (x, w))
+
+
+@pytest.mark.parametrize("groups,n_lowpass,n_wavelet", [(3, 1, 8), (1, 3, 24)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lowpass_and_modulus_is_cat_of_lowpass_and_safe_modulus(groups, n_lowpass, n_wavelet, channels_last):
+    torch.manual_seed(0)
+    y = torch.randn(2, groups * (n_lowpass + 2 * n_wavelet), 5, 5, dtype=torch.float64)
+    if channels_last:  # as strided_conv leaves it
+        y = y.contiguous(memory_format=torch.channels_last)
+    y.requires_grad_(True)
+    S0, re, im = split_groups(y, groups, [n_lowpass, n_wavelet, n_wavelet])
+    expected = torch.cat([S0.reshape(2, -1, 5, 5), safe_modulus(re, im).reshape(2, -1, 5, 5)], dim=1)
+    torch.testing.assert_close(LowpassAndModulus.apply(y, groups, n_lowpass, n_wavelet), expected)
+    assert torch.autograd.gradcheck(lambda y: LowpassAndModulus.apply(y, groups, n_lowpass, n_wavelet), (y,))
+
+
+def test_lowpass_and_modulus_gradient_is_zero_not_nan_at_zero():
+    y = torch.zeros(1, 3, 2, 2)
+    y[0, 0] = 5.0
+    y.requires_grad_(True)
+    (LowpassAndModulus.apply(y, 1, 1, 1) * 1e30).sum().backward()  # a huge upstream gradient: still no inf * 0
+    assert torch.equal(y.grad[0, 0], torch.full((2, 2), 1e30)) and torch.equal(y.grad[0, 1:], torch.zeros(2, 2, 2))

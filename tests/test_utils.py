@@ -52,31 +52,6 @@ def test_single_process_helpers(monkeypatch):
     assert utils.distributed_env() == (3, 4, 1)
 
 
-PAGE_FAULT_PROBE = """
-import resource, sys, torch, utils
-torch.set_num_threads(1)  # one malloc arena: the count does not depend on how many threads the pool starts
-from scattering_net import ModelConfig, ScatteringNet
-if sys.argv[1] == "keep":
-    assert utils.keep_freed_memory()
-net, x = ScatteringNet(ModelConfig(learnable=False, mixing_horizon=1)), torch.randn(64, 3, 32, 32)
-with torch.no_grad():
-    net(x)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        net(x)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_keep_freed_memory_stops_page_faulting_activations_in_again():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    faults = {mode: int(subprocess.run([sys.executable, "-c", PAGE_FAULT_PROBE, mode], cwd=root, capture_output=True,
-                                       text=True, check=True).stdout) for mode in ("default", "keep")}
-    assert faults["default"] > 5 * 1000  # activations of several MiB, faulted in again on every call
-    assert faults["keep"] < faults["default"] / 10
-
-
 def test_atomic_files_get_the_usual_permissions(tmp_path):
     old = os.umask(0o022)
     try:
