@@ -17,9 +17,12 @@ kymatio computes the paths of order <= 2 (its default max_order=2); the
 others every order up to J.
 """
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -52,6 +55,8 @@ STEP_MODELS = {"learnt Morlet + linear": dict(learn="morlet"),
                "learnt Morlet + WRN-16-8": dict(learn="morlet", head="cnn"),
                "WRN-16-2 alone": dict(n_blocks=0, head="cnn", head_width=2)}
 L_ORIENTATIONS = 8
+# Also timed as a library user runs it (library_user_measure): the forward pass of this system.
+LIBRARY_USER_SYSTEM = "ours-fixed-per-channel"
 # A weight tensor beyond this many parameters is not worth timing (the dense 4-block net has billions).
 MAX_PARAMS = 50_000_000
 # Timing: at least MIN_REPEATS calls and about --min-seconds of them, after WARMUP calls; one call when a
@@ -181,6 +186,25 @@ def measure(module, x, backward, device, min_seconds):
     return {"ms_per_batch": 1000 * seconds, "img_per_s": len(x) / seconds, "calls": calls, "peak_mem_gib": peak}
 
 
+def library_user_measure(case, batch, device, min_seconds):
+    """``measure`` of the LIBRARY_USER_SYSTEM forward in a fresh process that only builds the model and calls
+    it, with none of this script's set-up: the speed a user's own script gets from ``import scattering_net``."""
+    code = ("import json, sys, torch, benchmark\n"
+            "case, batch, device, threads, min_seconds = json.loads(sys.argv[1])\n"
+            "torch.set_num_threads(threads)\n"
+            "channels, spatial, _ = benchmark.CASES[case]\n"
+            "module = benchmark.Features(benchmark.ScatteringNet(benchmark.ours_config(benchmark.LIBRARY_USER_SYSTEM,"
+            " case))).to(device)\n"
+            "x = torch.randn(batch, channels, spatial, spatial, device=device)\n"
+            "print(json.dumps(benchmark.measure(module, x, False, torch.device(device), min_seconds)))\n")
+    settings = json.dumps([case, batch, str(device), torch.get_num_threads(), min_seconds])
+    done = subprocess.run([sys.executable, "-c", code, settings], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+    if done.returncode != 0:
+        raise RuntimeError(f"the fresh process failed: {(done.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(done.stdout)
+
+
 def speed_rows(args, device):
     rows = []
     for case in args.cases:
@@ -198,6 +222,10 @@ def speed_rows(args, device):
                     x = torch.randn(batch, channels, spatial, spatial, device=device)
                     try:
                         rows.append({**row, **measure(module, x, backward, device, args.min_seconds)})
+                        if name == LIBRARY_USER_SYSTEM and not backward:
+                            print(format_row(rows[-1]), flush=True)
+                            rows.append({**row, "system": f"{name} (library user)",
+                                         **library_user_measure(case, batch, device, args.min_seconds)})
                     except (torch.OutOfMemoryError, RuntimeError) as e:  # CPU allocation failures are RuntimeError
                         rows.append({**row, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"})
                         if device.type == "cuda":
