@@ -4,6 +4,7 @@
     python benchmark.py --device cpu --threads 2 --cases cifar --batch-sizes 128
     # 2 CPU cores (BENCHMARKS.md): fixed per-channel ScatteringNet forward ~17x kymatio's throughput
     python benchmark.py --device cpu --threads 2 --training     # quick_check epoch: fast path vs DataLoader
+    python benchmark.py --device cpu --threads 2 --compile-gain --batch-sizes 128   # torch.compile, steady state
     python benchmark.py --device cpu --threads 2 --accuracy     # same head on full Fashion-MNIST, both transforms
     python benchmark.py --device cpu --threads 2 --accuracy --dataset folder --data-dir data/cifar10-sample
 
@@ -29,6 +30,7 @@ from dataclasses import replace
 
 import torch
 import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import data
 import quick_check
@@ -54,7 +56,14 @@ STEP_MODELS = {"learnt Morlet + linear": dict(learn="morlet"),
                "fixed Morlet + WRN-16-8": dict(learn="morlet", learnable=False, head="cnn"),
                "learnt Morlet + WRN-16-8": dict(learn="morlet", head="cnn"),
                "WRN-16-2 alone": dict(n_blocks=0, head="cnn", head_width=2)}
+# --compile-gain: (ModelConfig fields, what is timed); the whole classifier on a CIFAR batch.
+COMPILE_MODELS = {"fixed per-channel": (FIXED, "forward"),
+                  "dense": (dict(learnable=True), "training step"),
+                  "phase_relu": (dict(learnable=True, modulus_type="phase_relu"), "training step")}
 L_ORIENTATIONS = 8
+# The yardstick of GFLOP/s (matmul_peak): a MATMUL_SIZE square product in each of these dtypes.
+MATMUL_SIZE = 2048
+PEAK_DTYPES = (torch.float32, torch.bfloat16)
 # Also timed as a library user runs it (library_user_measure): the forward pass of this system.
 LIBRARY_USER_SYSTEM = "ours-fixed-per-channel"
 # A weight tensor beyond this many parameters is not worth timing (the dense 4-block net has billions).
@@ -78,6 +87,9 @@ def get_args_parser():
     parser.add_argument("--steps", action="store_true",
                         help="instead: training steps (forward, backward, AdamW) of learnt Morlet and the CNN heads, "
                              "fp32 / --amp / --channels-last, and the Morlet bank's share of a step")
+    parser.add_argument("--compile-gain", action="store_true",
+                        help="instead: steady-state speed under torch.compile against eager (fixed forward, dense "
+                             "and phase_relu training steps)")
     parser.add_argument("--accuracy", action="store_true",
                         help="instead: fixed ScatteringNet vs kymatio, same BN + linear head, full Fashion-MNIST")
     parser.add_argument("--epochs", type=int, default=30, help="--accuracy: epochs for each model")
@@ -168,8 +180,9 @@ def time_calls(fn, device, min_seconds):
     return statistics.median(times), len(times)
 
 
-def measure(module, x, backward, device, min_seconds):
-    """One row's numbers: ms per batch, images/s, calls, peak CUDA memory (GiB, None on CPU)."""
+def measure(module, x, backward, device, min_seconds, peak_flops=None):
+    """One row's numbers: ms per batch, images/s, calls, peak CUDA memory (GiB, None on CPU); with
+    ``peak_flops``, also the GFLOP/s the call reaches (PyTorch's FlopCounterMode) and their share of it."""
     if backward:
         x = x.detach().requires_grad_(True)  # so that every system back-propagates, learnable or not
 
@@ -183,7 +196,20 @@ def measure(module, x, backward, device, min_seconds):
         torch.cuda.reset_peak_memory_stats(device)
     seconds, calls = time_calls(call, device, min_seconds)
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
-    return {"ms_per_batch": 1000 * seconds, "img_per_s": len(x) / seconds, "calls": calls, "peak_mem_gib": peak}
+    row = {"ms_per_batch": 1000 * seconds, "img_per_s": len(x) / seconds, "calls": calls, "peak_mem_gib": peak}
+    if peak_flops:
+        with FlopCounterMode(display=False) as counter:
+            call()
+        row["gflop_per_s"] = counter.get_total_flops() / seconds / 1e9
+        row["peak_gflop_per_s"], row["share_of_peak"] = peak_flops / 1e9, row["gflop_per_s"] * 1e9 / peak_flops
+    return row
+
+
+def matmul_peak(device, dtype, min_seconds):
+    """FLOP/s of a large square matrix product: what this device reaches in practice (the yardstick)."""
+    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device, dtype=dtype) for _ in range(2))
+    seconds, _ = time_calls(lambda: torch.mm(a, b), device, min_seconds)
+    return 2 * MATMUL_SIZE ** 3 / seconds
 
 
 def library_user_measure(case, batch, device, min_seconds):
@@ -206,6 +232,9 @@ def library_user_measure(case, batch, device, min_seconds):
 
 
 def speed_rows(args, device):
+    peaks = {str(dtype).split(".")[1]: matmul_peak(device, dtype, args.min_seconds) for dtype in PEAK_DTYPES}
+    print("matrix product, the device's practical peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s"
+                                                                       for k, v in peaks.items()), flush=True)
     rows = []
     for case in args.cases:
         channels, spatial, _ = CASES[case]
@@ -221,7 +250,8 @@ def speed_rows(args, device):
                         continue
                     x = torch.randn(batch, channels, spatial, spatial, device=device)
                     try:
-                        rows.append({**row, **measure(module, x, backward, device, args.min_seconds)})
+                        rows.append({**row, **measure(module, x, backward, device, args.min_seconds,
+                                                      peaks["float32"] if name.startswith("ours") else None)})
                         if name == LIBRARY_USER_SYSTEM and not backward:
                             print(format_row(rows[-1]), flush=True)
                             rows.append({**row, "system": f"{name} (library user)",
@@ -253,21 +283,25 @@ def format_row(r):
         return f"{r['case']:<10} {r['system']:<24} {r['batch']:>5} {r['pass']:<17} skipped: {r['skipped']}"
     peak = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "-"
     return (f"{r['case']:<10} {r['system']:<24} {r['batch']:>5} {r['pass']:<17} {rate(r['img_per_s']):>10} img/s "
-            f"{r['ms_per_batch']:>10.2f} ms  {peak}")
+            f"{r['ms_per_batch']:>10.2f} ms  {peak}  {flop_rate(r)}")
+
+
+def flop_rate(r):
+    return f"{r['gflop_per_s']:.0f} GFLOP/s ({100 * r['share_of_peak']:.0f} %)" if "gflop_per_s" in r else "-"
 
 
 def markdown_table(rows):
-    lines = ["| case | system | batch | pass | images/s | ms/batch | peak mem | vs kymatio |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+    lines = ["| case | system | batch | pass | images/s | ms/batch | peak mem | vs kymatio | GFLOP/s (of matmul peak) |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "skipped" in r:
             lines.append(f"| {r['case']} | {r['system']} | {r['batch']} | {r['pass']} | skipped: {r['skipped']} "
-                         f"| | | |")
+                         f"| | | | |")
             continue
         peak = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "-"
         ratio = f"{r['ratio_to_kymatio']:.2f}x" if r["ratio_to_kymatio"] else "-"
         lines.append(f"| {r['case']} | {r['system']} | {r['batch']} | {r['pass']} | {rate(r['img_per_s'])} | "
-                     f"{r['ms_per_batch']:.2f} | {peak} | {ratio} |")
+                     f"{r['ms_per_batch']:.2f} | {peak} | {ratio} | {flop_rate(r)} |")
     return "\n".join(lines)
 
 
@@ -297,6 +331,20 @@ def training_rows(args, device):
 
 # ----------------------------------------------------------------------------- training steps
 
+def training_step(model, runner, x, y, amp=False):
+    """One step as train.py takes it: ``runner`` (the model, or it compiled) forward, cross-entropy,
+    backward, AdamW on ``model``'s trainable parameters."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step():
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = nn.functional.cross_entropy(runner(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
 def step_rows(args, device, models=None):
     """images/s of whole training steps (``models``, default STEP_MODELS) at the first --batch-sizes, fp32, bf16
     autocast (--amp) and channels_last; for learnt Morlet, how long making its filters takes within a step."""
@@ -309,15 +357,7 @@ def step_rows(args, device, models=None):
             inputs = x.contiguous(memory_format=torch.channels_last) if channels_last else x
             if channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-            def step():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = nn.functional.cross_entropy(model(inputs), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            seconds, calls = time_calls(step, device, args.min_seconds)
+            seconds, calls = time_calls(training_step(model, model, inputs, y, amp), device, args.min_seconds)
             row = {"model": name, "batch": batch, "amp": amp, "channels_last": channels_last,
                    "img_per_s": batch / seconds, "ms_per_step": 1000 * seconds, "calls": calls}
             banks = [b.morlet for b in model.blocks if b.learn == "morlet" and b.morlet.theta.requires_grad]
@@ -329,6 +369,37 @@ def step_rows(args, device, models=None):
             print(f"{name:<32} amp={amp!s:<5} channels_last={channels_last!s:<5} {rate(row['img_per_s']):>8} img/s, "
                   f"{row['ms_per_step']:.1f} ms per step{share}", flush=True)
     return rows
+
+def compile_rows(args, device):
+    """Steady-state images/s of COMPILE_MODELS eager and under ``torch.compile(dynamic=False)`` (inductor, as
+    train.py --compile), at the first --batch-sizes; the first call (tracing and code generation) apart."""
+    batch, rows = args.batch_sizes[0], []
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    for name, (fields, kind) in COMPILE_MODELS.items():
+        for compiled in (False, True):
+            torch._dynamo.reset()
+            model = ScatteringNet(ModelConfig(**fields)).to(device)
+            runner = torch.compile(model, dynamic=False) if compiled else model
+            if kind == "forward":
+                def call():
+                    with torch.no_grad():
+                        runner(x)
+            else:
+                call = training_step(model, runner, x, y)
+            start = time.perf_counter()
+            call()
+            synchronize(device)
+            first = time.perf_counter() - start
+            seconds, calls = time_calls(call, device, args.min_seconds)
+            rows.append({"model": name, "pass": kind, "compiled": compiled, "batch": batch, "img_per_s": batch / seconds,
+                         "ms_per_call": 1000 * seconds, "calls": calls, "first_call_s": first})
+        eager, fast = rows[-2]["img_per_s"], rows[-1]["img_per_s"]
+        rows[-1]["speedup"] = fast / eager
+        print(f"{name:<20} {kind:<14} eager {rate(eager):>7} img/s, compiled {rate(fast):>7} img/s "
+              f"({fast / eager:.2f}x; first call {rows[-1]['first_call_s']:.1f} s)", flush=True)
+    return rows
+
 
 # ----------------------------------------------------------------------------- accuracy
 
@@ -435,9 +506,11 @@ def main(args):
         torch.set_num_threads(args.threads)
     if args.epochs < 1:
         die(f"--epochs must be >= 1, got {args.epochs}")
-    kind = "accuracy" if args.accuracy else "training" if args.training else "steps" if args.steps else "speed"
+    kind = ("accuracy" if args.accuracy else "training" if args.training else "steps" if args.steps else
+            "compile" if args.compile_gain else "speed")
     print(f"benchmark.py {kind} on {device}: {machine()}")
-    run = {"speed": speed_rows, "training": training_rows, "steps": step_rows, "accuracy": accuracy_rows}[kind]
+    run = {"speed": speed_rows, "training": training_rows, "steps": step_rows, "compile": compile_rows,
+           "accuracy": accuracy_rows}[kind]
     rows = run(args, device)
     if kind == "speed":
         print(markdown_table(rows))

@@ -32,9 +32,27 @@ def test_ours_only_speed_run_writes_json(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     saved = json.loads(out.read_text())
-    assert saved["kind"] == "speed" and len(saved["rows"]) == 14  # 7 configurations x 2 passes
+    assert saved["kind"] == "speed" and len(saved["rows"]) == 15  # 7 configurations x 2 passes, + a library user
     assert all(r["img_per_s"] > 0 and r["ratio_to_kymatio"] is None for r in saved["rows"])
     assert "| fmnist | ours-fixed-per-channel | 2 | forward |" in proc.stdout
+    assert "| fmnist | ours-fixed-per-channel (library user) | 2 | forward |" in proc.stdout
+
+
+def test_compile_gain_times_each_model_eager_then_compiled(monkeypatch, capsys, tmp_path):
+    """The bookkeeping of --compile-gain, with dynamo's eager backend so that no code is generated here."""
+    compile_ = benchmark.torch.compile
+    monkeypatch.setattr(benchmark.torch, "compile", lambda model, **kw: compile_(model, backend="eager", **kw))
+    monkeypatch.setattr(benchmark, "COMPILE_MODELS", {"fixed per-channel": benchmark.COMPILE_MODELS["fixed per-channel"],
+                                                      "dense": benchmark.COMPILE_MODELS["dense"]})
+    benchmark.main(benchmark.get_args_parser().parse_args(["--compile-gain", "--batch-sizes", "2", "--threads", "1",
+                                                           "--min-seconds", "0", "--json", str(tmp_path / "c.json")]))
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert [(r["model"], r["pass"], r["compiled"]) for r in rows] == [
+        ("fixed per-channel", "forward", False), ("fixed per-channel", "forward", True),
+        ("dense", "training step", False), ("dense", "training step", True)]
+    assert all(r["img_per_s"] > 0 and r["first_call_s"] > 0 for r in rows)
+    assert rows[1]["speedup"] == pytest.approx(rows[1]["img_per_s"] / rows[0]["img_per_s"])
+    assert "dense                training step  eager" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -499,14 +499,15 @@ def test_a_plain_import_reuses_its_activations_and_the_setting_can_be_refused():
     assert faults["unset"] < faults["0"] / 10
 
 
-@pytest.mark.parametrize("size,padding,groups,group_inputs", [(32, 3, 3, 1), (7, 3, 2, 3), (9, 0, 1, 2), (6, 1, 4, 1),
-                                                              (5, 3, 1, POLYPHASE_MAX_GROUP_INPUTS + 1)])
-def test_strided_conv_is_the_stride_2_convolution_and_so_are_its_gradients(size, padding, groups, group_inputs):
-    """Polyphase (odd sizes padded to even, then trimmed) or direct (many inputs per group): the same outputs
-    and, in float64, gradients that pass gradcheck for the input and the weight."""
+@pytest.mark.parametrize("size,padding,groups,group_inputs,group_outputs", [
+    (32, 3, 3, 1, 3), (7, 3, 2, 3, 3), (9, 0, 1, 2, 3), (6, 1, 4, 1, 2),  # polyphase, odd sizes padded and trimmed
+    (5, 3, 1, POLYPHASE_MAX_GROUP_INPUTS + 1, 3), (8, 3, 3, 1, 1)])  # direct: many inputs per group; depthwise
+def test_strided_conv_is_the_stride_2_convolution_and_so_are_its_gradients(size, padding, groups, group_inputs,
+                                                                           group_outputs):
+    """The same outputs as F.conv2d and, in float64, gradients that pass gradcheck for the input and the weight."""
     torch.manual_seed(0)
     x = torch.randn(2, groups * group_inputs, size, size, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(groups * 3, group_inputs, 8, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(groups * group_outputs, group_inputs, 8, 8, dtype=torch.float64, requires_grad=True)
     expected = F.conv2d(x, w, stride=2, padding=padding, groups=groups)
     torch.testing.assert_close(strided_conv(x, w, padding, groups), expected, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda x, w: strided_conv(x, w, padding, groups), (x, w))
