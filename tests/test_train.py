@@ -646,8 +646,12 @@ def test_resume_of_a_run_older_than_a_flag_takes_the_flags_default(capsys):
 
 # ----------------------------------------------------------------------------- model selection and provenance
 
-def test_select_test_reproduces_a_run_from_before_select_bit_for_bit(tmp_path):
-    """tests/data/pre_select_*.json: written by commit 2eca794 (before --select) with these flags."""
+def test_select_test_reproduces_a_run_from_before_select(tmp_path):
+    """tests/data/pre_select_*.json: written by commit 2eca794 (before --select) with these flags.
+
+    Bit for bit until the CPU's polyphase strided convolution (spatial_scattering.strided_conv) summed
+    in another order: since then every accuracy and choice is the same and the losses and filter
+    movements agree to float rounding."""
     for name, extra in (("two_phase", ["--epochs", "3"]),
                         ("joint", ["--epochs", "2", "--head-epochs", "1", "--joint", "--init", "random"])):
         old = json.load(open(os.path.join(DATA, f"pre_select_{name}.json")))
@@ -655,11 +659,34 @@ def test_select_test_reproduces_a_run_from_before_select_bit_for_bit(tmp_path):
                                    "--save-dir", str(tmp_path / name))
         new = results_json(str(tmp_path / name))
         for phase, rows in old["curves"].items():
-            assert [(r["val_acc"], r["val_loss"], r["val_top5"], r["train_loss"]) for r in rows] == \
-                [(r["test_acc"], r["test_loss"], r["test_top5"], r["train_loss"]) for r in new["curves"][phase]]
-        for key, value in old["results"].items():
-            if not key.endswith("_seconds"):
-                assert results[key] == value, key
+            assert [(r["val_acc"], r["val_top5"]) for r in rows] == \
+                [(r["test_acc"], r["test_top5"]) for r in new["curves"][phase]]
+            assert [v for r in rows for v in (r["val_loss"], r["train_loss"])] == pytest.approx(
+                [v for r in new["curves"][phase] for v in (r["test_loss"], r["train_loss"])], rel=1e-5)
+        assert_same_results(results, old["results"])
+
+
+def assert_same_results(results, recorded):
+    """Every result but the wall times as recorded: strings exactly, numbers to float rounding (the polyphase
+    convolution's order of sums; see the test above). At rel 1e-5 an accuracy or an epoch has to be the same."""
+    for key, value in recorded.items():
+        if not key.endswith("_seconds"):
+            now, then = leaves(results[key]), leaves(value)
+            assert [v for v in now if not is_real(v)] == [v for v in then if not is_real(v)], key
+            assert [v for v in now if is_real(v)] == pytest.approx([v for v in then if is_real(v)], rel=1e-5), key
+
+
+def is_real(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def leaves(value):
+    """The values of a nested results value, in order, dict keys included."""
+    if isinstance(value, dict):
+        return [leaf for k, v in value.items() for leaf in (k, *leaves(v))]
+    if isinstance(value, (list, tuple)):
+        return [leaf for v in value for leaf in leaves(v)]
+    return [value]
 
 
 def test_no_test_image_is_used_for_any_choice(tmp_path, monkeypatch):
@@ -756,9 +783,7 @@ def test_a_run_from_before_select_resumes_as_test_and_ends_as_it_would_have(tmp_
     folder = legacy_run_folder(tmp_path / "new", tmp_path / "old")
     results = train_in_process(*flags, "--resume", "--save-dir", str(folder))
     old = json.load(open(os.path.join(DATA, "pre_select_two_phase.json")))
-    for key, value in old["results"].items():
-        if not key.endswith("_seconds"):
-            assert results[key] == value, key
+    assert_same_results(results, old["results"])
     saved = results_json(str(folder))
     assert saved["config"]["select"] == "test" and results["selection"] == "test"
     assert [r["test_acc"] for r in saved["curves"]["phase_a"]] == [r["val_acc"] for r in old["curves"]["phase_a"]]
