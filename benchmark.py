@@ -182,7 +182,8 @@ def time_calls(fn, device, min_seconds):
 
 def measure(module, x, backward, device, min_seconds, peak_flops=None):
     """One row's numbers: ms per batch, images/s, calls, peak CUDA memory (GiB, None on CPU); with
-    ``peak_flops``, also the GFLOP/s the call reaches (PyTorch's FlopCounterMode) and their share of it."""
+    ``peak_flops``, also the GFLOP/s the call reaches (multiply-adds of the convolutions and products,
+    counted by PyTorch's FlopCounterMode; elementwise work is not counted) and their share of it."""
     if backward:
         x = x.detach().requires_grad_(True)  # so that every system back-propagates, learnable or not
 
@@ -198,9 +199,13 @@ def measure(module, x, backward, device, min_seconds, peak_flops=None):
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
     row = {"ms_per_batch": 1000 * seconds, "img_per_s": len(x) / seconds, "calls": calls, "peak_mem_gib": peak}
     if peak_flops:
-        with FlopCounterMode(display=False) as counter:
-            call()
-        row["gflop_per_s"] = counter.get_total_flops() / seconds / 1e9
+        # the forward's count, and for the backward one more forward's for the input gradient and, when the
+        # module learns, one for the weights' (FlopCounterMode, torch 2.14, counts a grouped convolution's
+        # weight gradient once per group: up to 27x too many here)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            module(x)
+        learns = any(p.requires_grad for p in module.parameters())
+        row["gflop_per_s"] = counter.get_total_flops() * (1 + backward * (1 + learns)) / seconds / 1e9
         row["peak_gflop_per_s"], row["share_of_peak"] = peak_flops / 1e9, row["gflop_per_s"] * 1e9 / peak_flops
     return row
 

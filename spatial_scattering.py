@@ -282,13 +282,17 @@ class LowpassAndModulus(torch.autograd.Function):
         groups, n_lowpass, n_wavelet = ctx.sizes
         B, _, H, W = y.shape
         C = groups * n_lowpass
-        _, re, im = split_groups(y, groups, [n_lowpass, n_wavelet, n_wavelet])
-        d_lowpass = grad_out[:, :C].reshape(B, groups, n_lowpass, H, W)  # (B, C, H, W) -> (B, g, n0, H, W)
+        sizes = [n_lowpass, n_wavelet, n_wavelet]
+        _, re, im = split_groups(y, groups, sizes)
+        d_y = torch.empty_like(y)  # in y's memory layout, which the convolution's backward reads without a copy
+        d_lowpass, d_re, d_im = split_groups(d_y, groups, sizes)
+        d_lowpass.copy_(grad_out[:, :C].reshape(B, groups, n_lowpass, H, W))  # (B, C, H, W) -> (B, g, n0, H, W)
         modulus = out[:, C:].reshape(B, groups, n_wavelet, H, W).clamp_min(torch.finfo(y.dtype).tiny)
         d_modulus = grad_out[:, C:].reshape(B, groups, n_wavelet, H, W)  # (B, CL, H, W) -> (B, g, n1, H, W)
         # re / |z| <= 1 first: no overflow where |z| is tiny and the incoming gradient large
-        d_y = torch.cat([d_lowpass, re / modulus * d_modulus, im / modulus * d_modulus], dim=2)  # (B, g, n0+2n1, H, W)
-        return d_y.reshape(y.shape), None, None, None  # -> (B, g*(n0 + 2*n1), H, W)
+        d_re.copy_(re).div_(modulus).mul_(d_modulus)
+        d_im.copy_(im).div_(modulus).mul_(d_modulus)
+        return d_y, None, None, None
 
 
 def pad_input(x, kernel_size, padding_mode):
