@@ -5,6 +5,7 @@
     # 2 CPU cores (BENCHMARKS.md): fixed per-channel ScatteringNet forward ~17x kymatio's throughput
     python benchmark.py --device cpu --threads 2 --training     # quick_check epoch: fast path vs DataLoader
     python benchmark.py --device cpu --threads 2 --compile-gain --batch-sizes 128   # torch.compile, steady state
+    python benchmark.py --device cpu --threads 2 --conv-forms --batch-sizes 128     # strided conv: direct or polyphase
     python benchmark.py --device cpu --threads 2 --accuracy     # same head on full Fashion-MNIST, both transforms
     python benchmark.py --device cpu --threads 2 --accuracy --dataset folder --data-dir data/cifar10-sample
 
@@ -36,7 +37,7 @@ import data
 import quick_check
 import runner
 from scattering_net import ModelConfig, ScatteringNet, count_parameters
-from spatial_scattering import MODULUS_RESOLUTIONS, keep_freed_memory
+from spatial_scattering import MODULUS_RESOLUTIONS, keep_freed_memory, polyphase_conv
 from utils import die, write_json
 
 # (channels, spatial size, J): the shapes of CIFAR-10, Fashion-MNIST and ImageNet.
@@ -56,6 +57,11 @@ STEP_MODELS = {"learnt Morlet + linear": dict(learn="morlet"),
                "fixed Morlet + WRN-16-8": dict(learn="morlet", learnable=False, head="cnn"),
                "learnt Morlet + WRN-16-8": dict(learn="morlet", head="cnn"),
                "WRN-16-2 alone": dict(n_blocks=0, head="cnn", head_width=2)}
+# --conv-forms: the stride-2 convolutions of this project's blocks on a CIFAR batch, (channels, spatial size, groups,
+# outputs per group); each timed direct (F.conv2d) and polyphase (spatial_scattering.polyphase_conv).
+CONV_FORM_SHAPES = {"per channel, block 1": (3, 32, 3, 17), "per channel, block 2": (27, 16, 27, 17),
+                    "low-pass alone, block 2": (27, 16, 27, 1), "dense, block 1": (3, 32, 1, 51),
+                    "mixing horizon 9, block 2": (27, 16, 3, 153), "dense, block 2": (27, 16, 1, 459)}
 # --compile-gain: (ModelConfig fields, what is timed); the whole classifier on a CIFAR batch.
 COMPILE_MODELS = {"fixed per-channel": (FIXED, "forward"),
                   "dense": (dict(learnable=True), "training step"),
@@ -87,6 +93,8 @@ def get_args_parser():
     parser.add_argument("--steps", action="store_true",
                         help="instead: training steps (forward, backward, AdamW) of learnt Morlet and the CNN heads, "
                              "fp32 / --amp / --channels-last, and the Morlet bank's share of a step")
+    parser.add_argument("--conv-forms", action="store_true",
+                        help="instead: the blocks' stride-2 convolutions direct and polyphase, forward and backward")
     parser.add_argument("--compile-gain", action="store_true",
                         help="instead: steady-state speed under torch.compile against eager (fixed forward, dense "
                              "and phase_relu training steps)")
@@ -375,6 +383,32 @@ def step_rows(args, device, models=None):
                   f"{row['ms_per_step']:.1f} ms per step{share}", flush=True)
     return rows
 
+def conv_form_rows(args, device):
+    """ms per call of each CONV_FORM_SHAPES convolution (8 x 8 kernel, padding 3) in both forms: forward,
+    backward to the input (a frozen block), backward to the input and the weights (a learning one)."""
+    batch, rows = args.batch_sizes[0], []
+    for name, (channels, spatial, groups, outputs) in CONV_FORM_SHAPES.items():
+        x = torch.randn(batch, channels, spatial, spatial, device=device)
+        weight = torch.randn(groups * outputs, channels // groups, 8, 8, device=device)
+        for grads in ((), ("input",), ("input", "weights")):
+            x.requires_grad_("input" in grads)
+            weight.requires_grad_("weights" in grads)
+            row = {"shape": name, "batch": batch, "pass": "+".join(("forward", *grads))}
+            for form, conv in (("direct", lambda: nn.functional.conv2d(x, weight, stride=2, padding=3, groups=groups)),
+                               ("polyphase", lambda: polyphase_conv(x, weight, 3, groups))):
+                def call():
+                    with torch.set_grad_enabled(bool(grads)):
+                        y = conv()
+                    if grads:
+                        y.sum().backward()
+                row[f"{form}_ms"] = 1000 * time_calls(call, device, args.min_seconds)[0]
+            row["polyphase_speedup"] = row["direct_ms"] / row["polyphase_ms"]
+            rows.append(row)
+            print(f"{name:<26} {row['pass']:<24} direct {row['direct_ms']:7.2f} ms, polyphase "
+                  f"{row['polyphase_ms']:7.2f} ms ({row['polyphase_speedup']:.2f}x)", flush=True)
+    return rows
+
+
 def compile_rows(args, device):
     """Steady-state images/s of COMPILE_MODELS eager and under ``torch.compile(dynamic=False)`` (inductor, as
     train.py --compile), at the first --batch-sizes; the first call (tracing and code generation) apart."""
@@ -512,10 +546,10 @@ def main(args):
     if args.epochs < 1:
         die(f"--epochs must be >= 1, got {args.epochs}")
     kind = ("accuracy" if args.accuracy else "training" if args.training else "steps" if args.steps else
-            "compile" if args.compile_gain else "speed")
+            "compile" if args.compile_gain else "conv-forms" if args.conv_forms else "speed")
     print(f"benchmark.py {kind} on {device}: {machine()}")
     run = {"speed": speed_rows, "training": training_rows, "steps": step_rows, "compile": compile_rows,
-           "accuracy": accuracy_rows}[kind]
+           "conv-forms": conv_form_rows, "accuracy": accuracy_rows}[kind]
     rows = run(args, device)
     if kind == "speed":
         print(markdown_table(rows))

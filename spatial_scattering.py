@@ -81,9 +81,9 @@ RANDOM_THETA = (0.0, math.pi)
 RANDOM_XI = (math.pi / 4, math.pi)
 RANDOM_SIGMA = (0.5, 2.0)
 RANDOM_SLANT = (0.5, 1.5)
-# strided_conv goes polyphase (space-to-depth, stride 1) on the CPU up to this many input channels per group.
-# Measured (BENCHMARKS.md, "Where the time goes"), forward + backward, 2 threads, CIFAR batch of 128: polyphase
-# is 1.1-2x faster with 1, 3 and 9 inputs per group, and 1.15x slower for the dense second block's 27.
+# strided_conv goes polyphase (space-to-depth, stride 1) on the CPU up to this many input channels per group:
+# the widest group where that form was faster, forward + backward, in `benchmark.py --conv-forms`
+# (BENCHMARKS.md, "Where the time goes"); the dense second block's 27 inputs per group are faster direct.
 POLYPHASE_MAX_GROUP_INPUTS = 9
 # glibc malloc serves every block above its mmap threshold (128 KiB, adapting up to 32 MiB) with a fresh
 # mmap and gives it back when freed (and trims the heap's free top), so each forward pass page-faults its
@@ -204,28 +204,32 @@ def keep_freed_memory():
 
 
 def strided_conv(x, weight, padding, groups):
-    """``F.conv2d(x, weight, stride=2, padding=padding, groups=groups)`` for an even k x k kernel.
+    """``F.conv2d(x, weight, stride=2, padding=padding, groups=groups)`` for an even k x k kernel, in the
+    faster of two forms: ``polyphase_conv`` on the CPU for groups of at most POLYPHASE_MAX_GROUP_INPUTS
+    inputs and more than one output; the direct strided convolution on CUDA (cuDNN's own stride-2
+    kernels; not measured otherwise), for wider groups, and for one output per group (the low-pass
+    alone, oneDNN's depthwise kernel). ``benchmark.py --conv-forms`` times both forms."""
+    if x.device.type != "cpu" or weight.shape[1] > POLYPHASE_MAX_GROUP_INPUTS or weight.shape[0] == groups:
+        return F.conv2d(x, weight, stride=2, padding=padding, groups=groups)
+    return polyphase_conv(x, weight, padding, groups)
 
-    On the CPU it is computed polyphase (space-to-depth): with x' the padded
-    input and u = 2p + a, v = 2q + b (a, b in {0, 1}),
+
+def polyphase_conv(x, weight, padding, groups):
+    """The stride-2 convolution as a stride-1 one of the input's four phases (space-to-depth).
+
+    With x' the padded input and u = 2p + a, v = 2q + b (a, b in {0, 1}),
 
         y[i, j] = sum_{u,v} w[u, v] x'[2i + u, 2j + v]
                 = sum_{a,b} sum_{p,q} w[2p + a, 2q + b] x'_ab[i + p, j + q],   x'_ab[m, n] = x'[2m + a, 2n + b],
 
-    a stride-1 convolution of the four phases x'_ab (``pixel_unshuffle``) with
-    (k/2) x (k/2) kernels: the same multiply-adds, but oneDNN's stride-1
+    a stride-1 convolution of the four phases x'_ab (``pixel_unshuffle``)
+    with (k/2) x (k/2) kernels: the same multiply-adds, but oneDNN's stride-1
     kernels, and above all their input gradient (a stride-1 transposed
-    convolution instead of a stride-2 one), run 2-3x faster on this project's
-    shapes (BENCHMARKS.md, "Where the time goes"). The phases go channels_last,
-    the layout those kernels are fastest in; the result stays channels_last
-    (the same values; ``reshape``, not ``view``, reads it). The direct strided
-    convolution is kept on CUDA (cuDNN's own stride-2 kernels; not measured
-    otherwise), for groups of more than POLYPHASE_MAX_GROUP_INPUTS inputs, and
-    for one output per group (the low-pass alone: oneDNN's depthwise kernel,
-    4-15x faster than the polyphase form there).
+    convolution instead of a stride-2 one), run up to 3x faster on this
+    project's shapes (BENCHMARKS.md, "Where the time goes"). The phases go
+    channels_last, the layout those kernels are fastest in; the result stays
+    channels_last (the same values; ``reshape``, not ``view``, reads it).
     """
-    if x.device.type != "cpu" or weight.shape[1] > POLYPHASE_MAX_GROUP_INPUTS or weight.shape[0] == groups:
-        return F.conv2d(x, weight, stride=2, padding=padding, groups=groups)
     k = weight.shape[-1]
     H, W = x.shape[-2:]
     rows, cols = (H + 2 * padding - k) // 2 + 1, (W + 2 * padding - k) // 2 + 1  # the strided convolution's output

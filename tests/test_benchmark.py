@@ -114,3 +114,15 @@ def test_training_steps_time_each_model_three_ways_and_the_morlet_filters_share(
         (m, a, c) for m in ("morlet", "alone") for a, c in ((False, False), (True, False), (False, True))]
     assert all(r["img_per_s"] > 0 for r in rows)
     assert all(0 < r["morlet_share"] < 1 for r in rows[:3]) and not any("morlet_share" in r for r in rows[3:])
+
+
+def test_conv_forms_time_both_forms_of_every_shape_and_pass(tmp_path, monkeypatch):
+    monkeypatch.setattr(benchmark, "CONV_FORM_SHAPES", {"per channel": (3, 8, 3, 2), "dense": (2, 8, 1, 3)})
+    benchmark.main(benchmark.get_args_parser().parse_args(["--conv-forms", "--batch-sizes", "2", "--threads", "1",
+                                                           "--min-seconds", "0", "--json", str(tmp_path / "f.json")]))
+    rows = json.loads((tmp_path / "f.json").read_text())["rows"]
+    assert [(r["shape"], r["pass"]) for r in rows] == [
+        (shape, p) for shape in ("per channel", "dense")
+        for p in ("forward", "forward+input", "forward+input+weights")]
+    assert all(r["direct_ms"] > 0 and r["polyphase_speedup"] == pytest.approx(r["direct_ms"] / r["polyphase_ms"])
+               for r in rows)

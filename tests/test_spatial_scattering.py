@@ -13,7 +13,7 @@ import wavelet_kernels as wk
 from spatial_scattering import (POLYPHASE_MAX_GROUP_INPUTS, RANDOM_SIGMA, RANDOM_SLANT, RANDOM_THETA, RANDOM_XI,
                                 LowpassAndModulus, MorletBank, ScatteringBlock, block_parameter_count,
                                 compose_downsampling, filter_movement, mixing_groups, output_orders, safe_modulus,
-                                split_groups, strided_conv)
+                                polyphase_conv, split_groups, strided_conv)
 
 
 def per_channel_scattering(x, L, K, padding_mode="zeros"):
@@ -501,16 +501,17 @@ def test_a_plain_import_reuses_its_activations_and_the_setting_can_be_refused():
 
 @pytest.mark.parametrize("size,padding,groups,group_inputs,group_outputs", [
     (32, 3, 3, 1, 3), (7, 3, 2, 3, 3), (9, 0, 1, 2, 3), (6, 1, 4, 1, 2),  # polyphase, odd sizes padded and trimmed
-    (5, 3, 1, POLYPHASE_MAX_GROUP_INPUTS + 1, 3), (8, 3, 3, 1, 1)])  # direct: many inputs per group; depthwise
-def test_strided_conv_is_the_stride_2_convolution_and_so_are_its_gradients(size, padding, groups, group_inputs,
+    (5, 3, 1, POLYPHASE_MAX_GROUP_INPUTS + 1, 3), (8, 3, 3, 1, 1)])  # strided_conv direct: wide groups; depthwise
+@pytest.mark.parametrize("conv", [strided_conv, polyphase_conv])
+def test_strided_conv_is_the_stride_2_convolution_and_so_are_its_gradients(conv, size, padding, groups, group_inputs,
                                                                            group_outputs):
-    """The same outputs as F.conv2d and, in float64, gradients that pass gradcheck for the input and the weight."""
+    """Both forms give F.conv2d's outputs and, in float64, gradients that pass gradcheck for input and weight."""
     torch.manual_seed(0)
     x = torch.randn(2, groups * group_inputs, size, size, dtype=torch.float64, requires_grad=True)
     w = torch.randn(groups * group_outputs, group_inputs, 8, 8, dtype=torch.float64, requires_grad=True)
     expected = F.conv2d(x, w, stride=2, padding=padding, groups=groups)
-    torch.testing.assert_close(strided_conv(x, w, padding, groups), expected, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x, w: strided_conv(x, w, padding, groups), (x, w))
+    torch.testing.assert_close(conv(x, w, padding, groups), expected, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x, w: conv(x, w, padding, groups), (x, w))
 
 
 @pytest.mark.parametrize("groups,n_lowpass,n_wavelet", [(3, 1, 8), (1, 3, 24)])
