@@ -225,7 +225,7 @@ def polyphase_conv(x, weight, padding, groups):
     a stride-1 convolution of the four phases x'_ab (``pixel_unshuffle``)
     with (k/2) x (k/2) kernels: the same multiply-adds, but oneDNN's stride-1
     kernels, and above all their input gradient (a stride-1 transposed
-    convolution instead of a stride-2 one), run up to 3x faster on this
+    convolution instead of a stride-2 one), run up to 2.4x faster on this
     project's shapes (BENCHMARKS.md, "Where the time goes"). The phases go
     channels_last, the layout those kernels are fastest in; the result stays
     channels_last (the same values; ``reshape``, not ``view``, reads it).
