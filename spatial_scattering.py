@@ -208,13 +208,35 @@ def strided_conv(x, weight, padding, groups):
     faster of two forms: ``polyphase_conv`` on the CPU for groups of at most POLYPHASE_MAX_GROUP_INPUTS
     inputs and more than one output; the direct strided convolution on CUDA (cuDNN's own stride-2
     kernels; not measured otherwise), for wider groups, and for one output per group (the low-pass
-    alone, oneDNN's depthwise kernel). ``benchmark.py --conv-forms`` times both forms."""
+    alone, oneDNN's depthwise kernel). ``benchmark.py --conv-forms`` times both forms. A frozen
+    per-channel weight with the same filters for every channel runs as one ungrouped convolution
+    (``shared_filter_conv``)."""
     if x.device.type != "cpu" or weight.shape[1] > POLYPHASE_MAX_GROUP_INPUTS or weight.shape[0] == groups:
         return F.conv2d(x, weight, stride=2, padding=padding, groups=groups)
+    if groups == x.shape[1] and shares_filters(weight, groups):
+        return shared_filter_conv(x, weight[:weight.shape[0] // groups], padding)
     return polyphase_conv(x, weight, padding, groups)
 
 
-def polyphase_conv(x, weight, padding, groups):
+def shares_filters(weight, groups):
+    """True when a per-channel weight (groups = input channels) that does not train holds the same filters for
+    every channel (the fixed transform: one Morlet bank repeated). A check of the values: not under compile."""
+    if weight.requires_grad or torch.compiler.is_compiling():
+        return False
+    per_group = weight.view(groups, -1, *weight.shape[1:])  # (g*O, 1, k, k) -> (g, O, 1, k, k)
+    return bool((per_group == per_group[:1]).all())
+
+
+def shared_filter_conv(x, weight, padding):
+    """The per-channel stride-2 convolution when every channel has the same filters ``weight`` (O, 1, k, k):
+    one ungrouped convolution over the B*C single-channel images, whose (B*C, O, h, w) output is already the
+    grouped layout (B, C*O, h, w). oneDNN runs it about 1.2x faster than the grouped form (BENCHMARKS.md)."""
+    B, C, H, W = x.shape
+    y = polyphase_conv(x.reshape(B * C, 1, H, W), weight, padding, 1, memory_format=torch.contiguous_format)
+    return y.reshape(B, C * weight.shape[0], *y.shape[-2:])  # (B*C, O, h, w) -> (B, C*O, h, w)
+
+
+def polyphase_conv(x, weight, padding, groups, memory_format=torch.channels_last):
     """The stride-2 convolution as a stride-1 one of the input's four phases (space-to-depth).
 
     With x' the padded input and u = 2p + a, v = 2q + b (a, b in {0, 1}),
@@ -227,8 +249,9 @@ def polyphase_conv(x, weight, padding, groups):
     kernels, and above all their input gradient (a stride-1 transposed
     convolution instead of a stride-2 one), run up to 2.4x faster on this
     project's shapes (BENCHMARKS.md, "Where the time goes"). The phases go
-    channels_last, the layout those kernels are fastest in; the result stays
-    channels_last (the same values; ``reshape``, not ``view``, reads it).
+    channels_last by default, the layout those kernels are fastest in for
+    grouped convolutions; the result stays so (the same values; ``reshape``,
+    not ``view``, reads it).
     """
     k = weight.shape[-1]
     H, W = x.shape[-2:]
@@ -239,7 +262,7 @@ def polyphase_conv(x, weight, padding, groups):
     O, I = weight.shape[:2]
     h = k // 2
     weight = weight.reshape(O, I, h, 2, h, 2).permute(0, 1, 3, 5, 2, 4)  # (O, I, k, k) -> (O, I, a, b, p, q)
-    y = F.conv2d(phases.contiguous(memory_format=torch.channels_last), weight.reshape(O, 4 * I, h, h),
+    y = F.conv2d(phases.contiguous(memory_format=memory_format), weight.reshape(O, 4 * I, h, h),
                  groups=groups)  # (O, I, a, b, p, q) -> (O, 4I, k/2, k/2): input channel 4i + 2a + b
     return y[..., :rows, :cols]
 

@@ -13,7 +13,7 @@ import wavelet_kernels as wk
 from spatial_scattering import (POLYPHASE_MAX_GROUP_INPUTS, RANDOM_SIGMA, RANDOM_SLANT, RANDOM_THETA, RANDOM_XI,
                                 LowpassAndModulus, MorletBank, ScatteringBlock, block_parameter_count,
                                 compose_downsampling, filter_movement, mixing_groups, output_orders, safe_modulus,
-                                polyphase_conv, split_groups, strided_conv)
+                                polyphase_conv, shares_filters, split_groups, strided_conv)
 
 
 def per_channel_scattering(x, L, K, padding_mode="zeros"):
@@ -534,3 +534,21 @@ def test_lowpass_and_modulus_gradient_is_zero_not_nan_at_zero():
     y.requires_grad_(True)
     (LowpassAndModulus.apply(y, 1, 1, 1) * 1e30).sum().backward()  # a huge upstream gradient: still no inf * 0
     assert torch.equal(y.grad[0, 0], torch.full((2, 2), 1e30)) and torch.equal(y.grad[0, 1:], torch.zeros(2, 2, 2))
+
+
+def test_a_fixed_block_with_one_bank_runs_as_one_convolution_and_a_changed_channel_does_not():
+    """The fixed per-channel block repeats one filter bank per channel: its fused weight shares its filters, and
+    the forward (and the gradient to the input) equal the step-by-step reference. One channel's filters
+    changed: no longer shared, the grouped form runs, still equal to the reference."""
+    torch.manual_seed(0)
+    block = ScatteringBlock(3, L=4, learnable=False, mixing_horizon=1)
+    x = torch.randn(2, 3, 12, 12, dtype=torch.float64, requires_grad=True)
+    block = block.double()
+    assert shares_filters(block.fused_weight(), 3)
+    torch.testing.assert_close(block(x), block.reference_forward(x))
+    assert torch.autograd.gradcheck(block, (x,))
+    with torch.no_grad():
+        block.psi_real.weight[5] += 0.1  # channel 1's orientation 1
+    assert not shares_filters(block.fused_weight(), 3)
+    torch.testing.assert_close(block(x), block.reference_forward(x))
+    assert not shares_filters(block.fused_weight().requires_grad_(), 3)  # a weight that trains is never checked
