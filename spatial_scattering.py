@@ -230,7 +230,8 @@ def shares_filters(weight, groups):
 def shared_filter_conv(x, weight, padding):
     """The per-channel stride-2 convolution when every channel has the same filters ``weight`` (O, 1, k, k):
     one ungrouped convolution over the B*C single-channel images, whose (B*C, O, h, w) output is already the
-    grouped layout (B, C*O, h, w). oneDNN runs it about 1.2x faster than the grouped form (BENCHMARKS.md)."""
+    grouped layout (B, C*O, h, w). oneDNN runs it faster than the grouped form: the fixed transform's forward
+    is 1.27x faster with it (BENCHMARKS.md, "Where the time goes")."""
     B, C, H, W = x.shape
     y = polyphase_conv(x.reshape(B * C, 1, H, W), weight, padding, 1, memory_format=torch.contiguous_format)
     return y.reshape(B, C * weight.shape[0], *y.shape[-2:])  # (B*C, O, h, w) -> (B, C*O, h, w)
@@ -283,13 +284,15 @@ class LowpassAndModulus(torch.autograd.Function):
 
     y: (B, g*(n0 + 2*n1), H, W), per group the n0 low-pass outputs, then n1
     real and n1 imaginary parts (any memory layout). Returns (B, g*(n0 + n1),
-    H, W), contiguous: the g*n0 low-pass channels, then the g*n1 moduli.
+    H, W): the g*n0 low-pass channels, then the g*n1 moduli.
 
-    The composed version (split, square, add, clamp, sqrt, reshape, cat) makes
-    seven full-size temporaries and reads them back; here the output is written
-    once (``torch.hypot`` into it) and the backward is the modulus's own
-    derivative, d|z|/d re = re / |z|, taken as 0 where |z| = 0 (the subgradient
-    at the cone's tip, as ``safe_modulus``). First derivatives only.
+    Autograd through the composed version (split, square, add, clamp, sqrt,
+    reshape, cat) records seven steps, each backward with a full-size
+    temporary, and returns a gradient in another layout than the
+    convolution's output (one more copy). Here the backward is the modulus's
+    own derivative, d|z|/d re = re / |z|, taken as 0 where |z| = 0 (the
+    subgradient at the cone's tip, as ``safe_modulus``), written in place into
+    a gradient laid out as y. First derivatives only.
     """
 
     @staticmethod
@@ -628,10 +631,11 @@ class ScatteringBlock(nn.Module):
         """True when no weight trains and every output sees only its own input channel (as at init).
 
         Then the forward pass runs per channel (groups=C): the same result for
-        C/g times fewer multiply-adds. Not under ``torch.compile``, which cannot
-        trace a choice that depends on the weights' values: there the block
-        runs its full grouped convolution (the same result, more multiply-adds). Cached until a weight changes (in-place
-        updates bump a tensor's version counter; moves change its storage).
+        C/g times fewer multiply-adds. Cached until a weight changes (in-place
+        updates bump a tensor's version counter; moves change its storage). Not
+        under ``torch.compile``, which cannot trace a choice that depends on the
+        weights' values: there the block runs its full grouped convolution (the
+        same result, more multiply-adds).
         """
         convs = list(self.filter_convs().values())
         if all(conv.groups == conv.in_channels for conv in convs) or any(c.weight.requires_grad for c in convs):
@@ -681,7 +685,7 @@ class ScatteringBlock(nn.Module):
         x = x[:, :P]  # (B, C, M, N) -> (B, P, M, N): the channels of order < max_order
         full = self.modulus_resolution == "full"  # stride-1 responses, pooled after the modulus
         weight = self._grouped_weight(pairs, g, downsample=not full)
-        y = (F.conv2d(x, weight, padding=padding, groups=g) if full else strided_conv(x, weight, padding, g))
+        y = F.conv2d(x, weight, padding=padding, groups=g) if full else strided_conv(x, weight, padding, g)
         S1 = self.phase_modulus(*split_groups(y, g, [P * self.L // g] * 2))
         return self.psi_pool(S1) if full else S1
 
