@@ -500,18 +500,19 @@ def test_a_plain_import_reuses_its_activations_and_the_setting_can_be_refused():
 
 
 @pytest.mark.parametrize("size,padding,groups,group_inputs,group_outputs", [
-    (32, 3, 3, 1, 3), (7, 3, 2, 3, 3), (9, 0, 1, 2, 3), (6, 1, 4, 1, 2),  # polyphase, odd sizes padded and trimmed
+    (12, 3, 3, 1, 3), (7, 3, 2, 3, 3), (9, 0, 1, 2, 3), (6, 1, 4, 1, 2),  # polyphase, odd sizes padded and trimmed
     (5, 3, 1, POLYPHASE_MAX_GROUP_INPUTS + 1, 3), (8, 3, 3, 1, 1)])  # strided_conv direct: wide groups; depthwise
 @pytest.mark.parametrize("conv", [strided_conv, polyphase_conv])
 def test_strided_conv_is_the_stride_2_convolution_and_so_are_its_gradients(conv, size, padding, groups, group_inputs,
                                                                            group_outputs):
-    """Both forms give F.conv2d's outputs and, in float64, gradients that pass gradcheck for input and weight."""
+    """Both forms give F.conv2d's outputs and, in float64, gradients that pass gradcheck for input and weight
+    (fast mode: each Jacobian compared along random directions, which any wrong entry shows with probability 1)."""
     torch.manual_seed(0)
-    x = torch.randn(2, groups * group_inputs, size, size, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(1, groups * group_inputs, size, size, dtype=torch.float64, requires_grad=True)
     w = torch.randn(groups * group_outputs, group_inputs, 8, 8, dtype=torch.float64, requires_grad=True)
     expected = F.conv2d(x, w, stride=2, padding=padding, groups=groups)
     torch.testing.assert_close(conv(x, w, padding, groups), expected, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x, w: conv(x, w, padding, groups), (x, w))
+    assert torch.autograd.gradcheck(lambda x, w: conv(x, w, padding, groups), (x, w), fast_mode=True)
 
 
 @pytest.mark.parametrize("groups,n_lowpass,n_wavelet", [(3, 1, 8), (1, 3, 24)])
