@@ -15,8 +15,9 @@ selected one), summary.csv (per configuration: n, mean and std over seeds),
 significance.csv (paired differences), plot_data_efficiency.png,
 plot_advantage.png, plot_size_vs_gain.png, plot_delta_vs_gain.png; with
 --curves, curves/curves_exp<N>.png (N: the row of runs.csv); with --filters,
-filters_block0__<checkpoint path>.png; with --stability, stability.csv and
-plot_stability.png. Runs recorded before --select existed
+filters_block0__<checkpoint path>.png; with --stability, stability.csv (per
+checkpoint), stability_summary.csv (per model and training-set size, over its
+checkpoints) and plot_stability.png. Runs recorded before --select existed
 chose their epochs on the test split: they are read as --select test, and
 runs of different rules are never averaged or paired. Headless (Agg) unless
 --interactive.
@@ -415,8 +416,9 @@ def save(plt, fig, path, rect=(0, 0, 1, 1)):
 # ----------------------------------------------------------------------------- learnt filters
 
 def model_from_checkpoint(path, trusted=False, flag="--filters"):
-    """(the ScatteringNet of a train.py / quick_check.py checkpoint, rebuilt from the config it carries, and the
-    run's recorded flags, {} when it has none); ``flag`` starts the error line.
+    """(the ScatteringNet of a train.py / quick_check.py checkpoint, rebuilt from the config it carries, the
+    run's recorded flags, {} when it has none, and the phase it was saved in, None when it does not say);
+    ``flag`` starts the error line.
 
     Checkpoints carry ``model_config``; older ones only their flags under
     ``config``, with the input shape taken from the dataset's facts.
@@ -433,7 +435,7 @@ def model_from_checkpoint(path, trusted=False, flag="--filters"):
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         die(f"{flag}: {path} holds no ScatteringNet these scripts can rebuild ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:120] if str(e) else ''})")
-    return model, ckpt.get("config") or {}
+    return model, ckpt.get("config") or {}, ckpt.get("phase")
 
 
 def morlet_changes(initial, learnt):
@@ -485,7 +487,7 @@ def filters_plot_name(checkpoint, results_dir):
 
 
 def report_filters(plt, checkpoint, plots_dir, results_dir, trusted=False):
-    model, run_config = model_from_checkpoint(checkpoint, trusted)
+    model, run_config, _ = model_from_checkpoint(checkpoint, trusted)
     if not len(model.blocks):
         die(f"--filters: {checkpoint} is the CNN alone (--n-blocks 0): it has no wavelets to draw")
     seed = run_config.get("seed")  # the network as the run began: its seed's draws (unknown without one)
@@ -704,42 +706,79 @@ def stability_images(config, data_dir, count):
     return (pixels.float() / 255 - mean) / std if pixels.dtype == torch.uint8 else pixels
 
 
+def stability_model(config, phase):
+    """What a checkpoint's scattering is, as the literature table names its rows ('linear | Morlet | fixed');
+    a Phase A checkpoint holds the blocks as they started (its head alone trained): fixed."""
+    head, init, trains = train.protocol_row(config)
+    return f"{head} | {init} | {'fixed' if phase == 'phase_a' else trains}"
+
+
 def report_stability(plt, checkpoints, plots_dir, count, data_dir=None, trusted=False):
     if count < 2:
         die(f"--stability-images must be >= 2 (the baseline pairs unrelated images), got {count}")
     rows, images = [], {}
     for checkpoint in checkpoints:
-        model, config = model_from_checkpoint(checkpoint, trusted, "--stability")
+        model, config, phase = model_from_checkpoint(checkpoint, trusted, "--stability")
         if not len(model.blocks):
             die(f"--stability: {checkpoint} is the CNN alone (--n-blocks 0): it has no scattering to measure")
         key = (config.get("dataset"), data_dir or config.get("data_dir"), config.get("image_size"))
         if key not in images:
             images[key] = stability_images(config, data_dir, count)
-        label = f"{checkpoint} ({model.config.learn}, {config.get('init', 'wavelet')} init)"
-        rows += [{"checkpoint": label, **row} for row in stability_rows(model, images[key])]
+        about = {"checkpoint": checkpoint, "model": stability_model(config, phase),
+                 "train_size": config.get("train_size"), "seed": config.get("seed")}
+        measured = stability_rows(model, images[key])
+        unrelated = measured[-1]["mean"]
+        rows += [{**about, **row, "of_unrelated": row["mean"] / unrelated} for row in measured]
     table = pd.DataFrame(rows)
+    summary = stability_summary(table)
     print("relative change of the scattering coefficients, ||Phi(x~) - Phi(x)|| / ||Phi(x)||, mean over "
-          f"{count} test images (unrelated: x~ another test image)")
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    atomic_write(os.path.join(plots_dir, "stability.csv"), lambda f: f.write(table.to_csv(index=False).encode()))
-    plot_stability(plt, table, os.path.join(plots_dir, "plot_stability.png"))
+          f"{count} test images (unrelated: x~ another test image; of_unrelated: the change over the unrelated one)")
+    print(table.drop(columns="checkpoint").to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print("\nper model and training-set size, over its checkpoints (n; std: over checkpoints, e.g. seeds)")
+    print(summary.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for name, frame in (("stability.csv", table), ("stability_summary.csv", summary)):
+        atomic_write(os.path.join(plots_dir, name), lambda f, frame=frame: f.write(frame.to_csv(index=False).encode()))
+    plot_stability(plt, summary, os.path.join(plots_dir, "plot_stability.png"))
 
 
-def plot_stability(plt, table, path):
+def stability_summary(table):
+    """Per (model, train_size, kind, strength): n checkpoints, the mean and std over them of the mean change and
+    of the change over the unrelated-image baseline (std NaN for one checkpoint)."""
+    keys = ["model", "train_size", "kind", "strength"]
+    grouped = table.groupby(keys, sort=False, dropna=False)
+    summary = grouped[["mean", "of_unrelated"]].agg(["mean", "std"])
+    summary.columns = ["change", "change_std", "of_unrelated", "of_unrelated_std"]
+    summary.insert(0, "n", grouped.size())
+    return summary.reset_index()
+
+
+def plot_stability(plt, summary, path):
+    """Two rows of panels, one per deformation: the relative change, and the same over the change between
+    unrelated images (comparable across models whose coefficients spread differently); a curve per model and
+    training-set size, error bars: std over its checkpoints."""
     kinds = list(STABILITY_STRENGTHS)
-    n = table.checkpoint.nunique()
-    legend_inches, height = 0.15 + 0.2 * n, 3.2 + 0.2 * n  # one legend line per checkpoint, below the plots
-    fig, axes = plt.subplots(1, len(kinds), figsize=(3.4 * len(kinds), height), sharey=True)
+    curves = list(summary.groupby(["model", "train_size"], sort=False, dropna=False))
+    legend_inches, height = 0.15 + 0.2 * len(curves), 6.0 + 0.2 * len(curves)  # a legend line per curve, below
+    fig, axes = plt.subplots(2, len(kinds), figsize=(3.4 * len(kinds), height), sharey="row")
     units = {"translation": "shift (pixels)", "rotation": "angle (degrees)", "scaling": "zoom factor",
              "deformation": "largest displacement (pixels)"}
-    for ax, kind in zip(axes, kinds):
-        for i, (label, rows) in enumerate(table.groupby("checkpoint", sort=False)):
-            curve = rows[rows.kind == kind]
-            line = ax.errorbar(curve.strength, curve["mean"], yerr=curve["std"], marker="o", capsize=2,
-                               label=label if kind == kinds[0] else None)[0]
-            ax.axhline(float(rows[rows.kind == "unrelated"]["mean"].iloc[0]), color=line.get_color(), ls="--", lw=0.8)
-        ax.set(title=kind, xlabel=units[kind])
-    axes[0].set_ylabel("||Phi(x~) - Phi(x)|| / ||Phi(x)||\n(dashed: unrelated images)")
+    for (model, size), rows in curves:
+        n = int(rows["n"].iloc[0])
+        label = f"{model}, train size {size} ({n} checkpoint{'s' if n > 1 else ''})"
+        for row_axes, column in zip(axes, ("change", "of_unrelated")):
+            for ax, kind in zip(row_axes, kinds):
+                curve = rows[rows.kind == kind]
+                line = ax.errorbar(curve.strength, curve[column], yerr=curve[column + "_std"].fillna(0), marker="o",
+                                   capsize=2, label=label if ax is axes[0][0] else None)[0]
+                if column == "change":
+                    ax.axhline(float(rows[rows.kind == "unrelated"]["change"].iloc[0]), color=line.get_color(),
+                               ls="--", lw=0.8)
+    for ax, kind in zip(axes[0], kinds):
+        ax.set(title=kind)
+    for ax, kind in zip(axes[1], kinds):
+        ax.set(xlabel=units[kind])
+    axes[0][0].set_ylabel("||Phi(x~) - Phi(x)|| / ||Phi(x)||\n(dashed: unrelated images)")
+    axes[1][0].set_ylabel("the same, over the change\nbetween unrelated images")
     fig.legend(loc="lower center", fontsize=7, ncol=1)
     save(plt, fig, path, rect=(0, legend_inches / height, 1, 1))
 

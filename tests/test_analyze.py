@@ -2,6 +2,7 @@
 import copy
 import glob
 import json
+import math
 import os
 import subprocess
 import sys
@@ -384,10 +385,30 @@ def test_stability_of_real_checkpoints_writes_its_table_and_plot(real_run, tmp_p
     assert code == 0, err
     table = pd.read_csv(tmp_path / "plots" / "stability.csv")
     assert len(table) == 2 * (4 * 5 + 1) and set(table.kind) == {*analyze.STABILITY_STRENGTHS, "unrelated"}
-    assert is_png(tmp_path / "plots" / "plot_stability.png") and "(taps, wavelet init)" in out
+    # Phase A trained the head alone: its blocks are the fixed wavelets; Phase B learnt every tap (dense)
+    assert list(table.model.unique()) == ["linear | Morlet | fixed", "linear | Morlet | learnt taps, dense"]
+    assert (table.train_size == 500).all() and (table.seed == 0).all()
+    unrelated = table[table.kind == "unrelated"]
+    assert (unrelated.of_unrelated == 1).all() and (table.of_unrelated * unrelated["mean"].repeat(21).values
+                                                   ).round(6).equals(table["mean"].round(6))
+    summary = pd.read_csv(tmp_path / "plots" / "stability_summary.csv")
+    assert len(summary) == len(table) and (summary.n == 1).all() and summary.change_std.isna().all()
+    assert is_png(tmp_path / "plots" / "plot_stability.png") and "linear | Morlet | learnt taps, dense" in out
     code, _, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--stability", checkpoints[0],
                                "--stability-images", "1")
     assert code == 2 and err == "error: --stability-images must be >= 2 (the baseline pairs unrelated images), got 1\n"
+
+
+def test_the_stability_summary_averages_each_model_over_its_checkpoints():
+    rows = [{"checkpoint": f"{model}{seed}", "model": model, "train_size": 100, "seed": seed, "kind": "rotation",
+             "strength": 5, "mean": change, "of_unrelated": change / 2}
+            for model, seed, change in (("a", 0, 0.2), ("a", 1, 0.4), ("b", 0, 0.5))]
+    summary = analyze.stability_summary(pd.DataFrame(rows))
+    assert summary[["model", "n"]].values.tolist() == [["a", 2], ["b", 1]]
+    np.testing.assert_allclose(summary.change, [0.3, 0.5])
+    np.testing.assert_allclose(summary.of_unrelated, [0.15, 0.25])
+    np.testing.assert_allclose(summary.change_std[0], math.sqrt(0.02))  # sample std of 0.2 and 0.4
+    assert math.isnan(summary.change_std[1])
 
 
 def test_filters_of_a_learnt_morlet_checkpoint_print_its_parameters_before_and_after(tmp_path, capsys):
