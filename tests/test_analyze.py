@@ -126,6 +126,8 @@ def test_filters_of_a_real_checkpoint(real_run, tmp_path, capsys):
                                                                   "checkpoint MISSING/best.pth does not exist"),
     (["--results-dir", "EMPTY", "--stability", "MISSING/best.pth"], "error: --stability: "
                                                                     "checkpoint MISSING/best.pth does not exist"),
+    (["--results-dir", "EMPTY", "--held-out"], "error: --held-out is for --literature (it chooses the best learnt "
+                                               "linear arm of that table)"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path, capsys):
     args = [a.replace("EMPTY", str(tmp_path)).replace("MISSING", str(tmp_path / "missing")) for a in args]

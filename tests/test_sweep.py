@@ -9,9 +9,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
+import data
 import sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -309,3 +312,22 @@ def test_a_tiny_literature_sweep_and_its_table_beside_the_published_numbers(tmp_
     morlet, fixed = (runs[runs.protocol == p].sort_values("seed").joint_acc.to_numpy() for p in table.protocol[::-1])
     assert pair.comparison.startswith("linear | Morlet | learnt Morlet parameters  -  linear | Morlet | fixed")
     assert pair.n == 2 and pair.mean_diff == pytest.approx((morlet - fixed).mean())
+
+    # --held-out: each final checkpoint on the training-pool images its 100 left out; the learnt arm chosen on them
+    analyze.main(analyze.get_args_parser().parse_args(["--results-dir", str(out), "--literature", "--held-out"]))
+    runs = pd.read_csv(out / "plots" / "runs.csv")
+    pool, _, info = data.load_dataset("synthetic", None, seed=1)  # the generated images depend on the run's seed
+    cell = out / "linear-wavelet-morlet__train-size=100__seed=1"
+    left_out = np.setdiff1d(np.arange(len(pool[1])), data.stratified_subset(pool[1], 100, 1).numpy())
+    model = analyze.model_from_checkpoint(str(cell / "joint" / "best.pth"))[0].eval()
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in (info.mean, info.std))
+    with torch.no_grad():
+        predicted = model((pool[0][left_out].float() / 255 - mean) / std).argmax(1)
+    by_hand = 100 * float((predicted == pool[1][left_out]).double().mean())
+    (recorded,) = runs[runs.path.str.contains(str(cell.name))].held_out
+    assert len(left_out) == len(pool[1]) - 100 and recorded == pytest.approx(by_hand)
+    (best,) = pd.read_csv(out / "plots" / "literature_best.csv").itertuples()
+    learnt = runs[runs.protocol == "linear | Morlet | learnt Morlet parameters"]
+    assert (best.train_size, best.chosen, best.n) == (100, "linear | Morlet | learnt Morlet parameters", 2)
+    assert best.held_out == pytest.approx(learnt.held_out.mean()) and best.target == pytest.approx(37.84 + 2)
+    assert best.test_mean == pytest.approx(learnt.joint_acc.mean()) and best.met == (best.test_mean >= best.target)
