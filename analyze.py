@@ -189,9 +189,10 @@ def summary_table(experiments):
                "select": config["select"]}
         row.update({key: results[key] for key in COLUMNS if key in results})
         row.update(optimism_columns(exp["curves"].get(FINAL_PHASE[training_of(row["arm"])])))
-        rows.append({**row, "seed": config.get("seed"), "commit": commit_of(exp), "base": base_configuration(config),
+        rows.append({**row, "seed": config.get("seed"), "commit": commit_of(exp), "wall_minutes": wall_minutes(exp),
+                     "base": base_configuration(config),
                      "protocol": " | ".join(train.protocol_row(config)), "path": path})
-    table = pd.DataFrame(rows, columns=COLUMNS + ["seed", "commit", "base", "protocol", "path"]).sort_values(
+    table = pd.DataFrame(rows, columns=COLUMNS + ["seed", "commit", "wall_minutes", "base", "protocol", "path"]).sort_values(
         ["dataset", "train_size", "path"])
     table.index = pd.RangeIndex(1, len(table) + 1, name="exp")
     return table
@@ -212,6 +213,16 @@ def optimism_columns(rows):
     if not accuracies:
         return {}
     return {"last_epoch_acc": accuracies[-1], "best_test_epoch_acc": max(accuracies)}
+
+
+def wall_minutes(exp):
+    """What a run cost: the wall time its sessions recorded per phase (training and evaluation), summed, in
+    minutes; NaN when none recorded it."""
+    sessions = [s for s in exp.get("provenance") or [] if isinstance(s, dict)] \
+        if isinstance(exp.get("provenance"), list) else []
+    seconds = [v for s in sessions if isinstance(s.get("wall_seconds"), dict) for v in s["wall_seconds"].values()
+               if is_number(v)]
+    return sum(seconds) / 60 if seconds else np.nan
 
 
 def commit_of(exp):
@@ -637,6 +648,7 @@ def literature_table(table):
                "difference": np.nan, "p_value": np.nan}
         if "held_out" in group:  # --held-out: mean over the same seeds, on images no arm trained on
             row["held_out"] = group.held_out.mean()
+        row["minutes"] = group.wall_minutes.mean()  # a run's wall time, mean over seeds
         if published:
             test = difference_stats(group.acc - published[0])
             row.update(published_mean=published[0], published_std=published[1], difference=test["mean_diff"],
@@ -662,7 +674,8 @@ def report_literature(table, plots_dir):
     protocol's paired questions; returns the CSVs written (literature.csv, literature_best.csv, _pairs.csv)."""
     lit = literature_table(table)
     print("\nthe small-data table (ours: mean +- std over seeds of the final phase's test accuracy; held_out: on the "
-          "training-pool images its training set left out; published: Gauthier et al., CVPR 2022, Table 1):")
+          "training-pool images its training set left out; minutes: a run's wall time, mean over seeds; published: "
+          "Gauthier et al., CVPR 2022, Table 1):")
     if lit is None:
         print("no run selected on held-out data or at its last epoch")
         return []
@@ -941,7 +954,8 @@ def analyze_results(plt, args):
     if args.held_out:
         table["held_out"] = table.path.map(held_out_accuracies(experiments, table, args.data_dir, args.trust_checkpoint))
     groups, significance = group_table(table), paired_comparisons(table)
-    print(format_table(table.drop(columns=["seed", "base", "commit", "protocol", "held_out"], errors="ignore")))
+    print(format_table(table.drop(columns=["seed", "base", "commit", "wall_minutes", "protocol", "held_out"],
+                                  errors="ignore")))
     print("\nper configuration and selection rule (mean and std over seeds, n runs; last_epoch / best_test_epoch: the "
           "same runs' final-phase test accuracy at the last epoch and at the best test epoch, the optimistic choice):")
     print(groups.to_string(float_format=lambda v: f"{v:.2f}", na_rep="-"))

@@ -308,6 +308,8 @@ def test_a_tiny_literature_sweep_and_its_table_beside_the_published_numbers(tmp_
         assert row.n == 2 and row.train_size == 100 and row.published_mean == published
         assert row.difference == pytest.approx(ours.mean() - published)
         assert row.p_value == pytest.approx(stats.ttest_1samp(ours, published).pvalue)
+        minutes = runs[runs.protocol == row.protocol].wall_minutes
+        assert (minutes > 0).all() and row.minutes == pytest.approx(minutes.mean())  # what a cell cost
     (pair,) = pd.read_csv(out / "plots" / "literature_pairs.csv").itertuples()
     morlet, fixed = (runs[runs.protocol == p].sort_values("seed").joint_acc.to_numpy() for p in table.protocol[::-1])
     assert pair.comparison.startswith("linear | Morlet | learnt Morlet parameters  -  linear | Morlet | fixed")
