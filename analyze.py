@@ -657,6 +657,21 @@ def literature_table(table):
     return pd.DataFrame(rows).sort_values(["protocol", "train_size"]).reset_index(drop=True) if rows else None
 
 
+def paper_layout(lit):
+    """The table as the paper lays it out: a row per protocol row (the paper's order, ours beside each of its
+    rows), a column per training-set size, each cell 'ours mean +- std (n) | published mean +- std'."""
+    order = {key: i for i, key in enumerate(PUBLISHED)}
+    rank = lit.protocol.map(lambda p: order.get(published_key(p), len(order)))
+    cells = lit.assign(rank=rank, cell=[
+        f"{r.mean:.2f}{f' ± {r.std:.2f}' if r.n > 1 else ''} ({r.n})" + (
+            f" | {r.published_mean:.2f} ± {r.published_std:.2f}" if pd.notna(r.published_mean) else "")
+        for r in lit.itertuples()])
+    layout = cells.pivot_table(index=["rank", "protocol"], columns="train_size", values="cell", aggfunc="first")
+    layout = layout.droplevel("rank").fillna("-")
+    layout.columns = [f"{size} images" for size in layout.columns]
+    return layout
+
+
 def literature_pairs(table):
     """PROTOCOL_COMPARISONS paired by seed at each training-set size (same dataset and selection rule)."""
     runs, rows = protocol_runs(table), []
@@ -671,7 +686,7 @@ def literature_pairs(table):
 
 def report_literature(table, plots_dir):
     """Print the small-data table, the held-out choice of the best learnt linear arm (--held-out) and the
-    protocol's paired questions; returns the CSVs written (literature.csv, literature_best.csv, _pairs.csv)."""
+    protocol's paired questions; returns the CSVs written (literature.csv, _layout.csv, _best.csv, _pairs.csv)."""
     lit = literature_table(table)
     print("\nthe small-data table (ours: mean +- std over seeds of the final phase's test accuracy; held_out: on the "
           "training-pool images its training set left out; minutes: a run's wall time, mean over seeds; published: "
@@ -681,7 +696,10 @@ def report_literature(table, plots_dir):
         return []
     print(lit.to_string(float_format=lambda v: f"{v:.2f}", na_rep="-"))
     print(f"p_value: {LITERATURE_LIMITS}")
-    tables = {"literature.csv": lit}
+    layout = paper_layout(lit)
+    print("\nin the paper's layout (ours: mean ± std over seeds (n) | published: mean ± std over 10 seeds):")
+    print(layout.to_string())
+    tables = {"literature.csv": lit, "literature_layout.csv": layout.reset_index()}
     best = best_learnt_linear(lit) if "held_out" in lit else None
     if best is None:
         print("the best learnt linear arm is chosen on held-out data: add --held-out")

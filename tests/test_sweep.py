@@ -310,6 +310,11 @@ def test_a_tiny_literature_sweep_and_its_table_beside_the_published_numbers(tmp_
         assert row.p_value == pytest.approx(stats.ttest_1samp(ours, published).pvalue)
         minutes = runs[runs.protocol == row.protocol].wall_minutes
         assert (minutes > 0).all() and row.minutes == pytest.approx(minutes.mean())  # what a cell cost
+    layout = pd.read_csv(out / "plots" / "literature_layout.csv").set_index("protocol")["100 images"]
+    assert list(layout.index) == list(table.protocol[::-1])  # the paper's order: its learnt row first
+    for row in table.itertuples():
+        assert layout[row.protocol] == f"{row.mean:.2f} ± {row.std:.2f} (2) | {row.published_mean:.2f} ± " \
+                                       f"{row.published_std:.2f}"
     (pair,) = pd.read_csv(out / "plots" / "literature_pairs.csv").itertuples()
     morlet, fixed = (runs[runs.protocol == p].sort_values("seed").joint_acc.to_numpy() for p in table.protocol[::-1])
     assert pair.comparison.startswith("linear | Morlet | learnt Morlet parameters  -  linear | Morlet | fixed")
