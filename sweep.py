@@ -155,9 +155,12 @@ def protocol_cells(axes, shared, arms):
     if unknown:
         die(f"--arm: unknown protocol arm(s) {unknown}; choose from {list(train.PROTOCOL_ARMS)}")
     other = [flag for flag in axes if flag != "--seed"]
-    fixed = [flag for flag in ("--train-size", "--epochs", "--head-epochs", "--eval-every", "--seed") if flag in shared]
+    fixed = [flag for flag in ("--train-size", "--epochs", "--head-epochs", "--eval-every") if flag in shared]
     if other or fixed:
-        die(f"--preset literature sets {', '.join(other + fixed)} itself (only --seed may narrow it, as a list)")
+        die(f"--preset literature sets {', '.join(other + fixed)} itself (only --seed may narrow it)")
+    if "--seed" in shared:  # one seed (no comma): the grid's only seed
+        at = shared.index("--seed")
+        axes, shared = {**axes, "--seed": [shared[at + 1]]}, shared[:at] + shared[at + 2:]
     grid = []  # size, then seed, then arm: a sweep stopped early has whole paired rows of the smallest sizes
     for size, epochs in train.PROTOCOL_EPOCHS.items():
         budget = ["--train-size", str(size), "--head-epochs", str(epochs // 2), "--epochs", str(epochs - epochs // 2),

@@ -277,8 +277,10 @@ def test_the_literature_preset_is_every_protocol_arm_size_and_seed(tmp_path, cap
                                                                                       "morlet")
     alone = sweep.checked_config(*grid[-1][:2], None)
     assert (alone["n_blocks"], alone["head_width"], alone["optimizer"]) == (0, 2, "sgd")
-    for argv, message in ((["--epochs", "5"], "--preset literature sets --epochs itself (only --seed may narrow it, as "
-                                              "a list)"),
+    one_seed = sweep.protocol_cells({}, ["--dataset", "synthetic", "--seed", "2"], ["linear-wavelet-fixed"])
+    assert [name for name, _, _ in one_seed] == [f"linear-wavelet-fixed__train-size={n}__seed=2" for n in (100, 500, 1000)]
+    assert all(argv.count("--seed") == 1 and argv[-1] == "2" for _, argv, _ in one_seed)
+    for argv, message in ((["--epochs", "5"], "--preset literature sets --epochs itself (only --seed may narrow it)"),
                           (["--arm", "wavelet-two-phase"], "--arm: unknown protocol arm(s) ['wavelet-two-phase']; "
                                                            "choose from " + str(list(sweep.train.PROTOCOL_ARMS)))):
         args, extra = sweep.get_args_parser().parse_known_args(["--out", str(tmp_path / "x"), "--preset", "literature",
