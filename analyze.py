@@ -8,16 +8,21 @@
     python analyze.py --results-dir runs/demo --stability runs/a/phase_b/best.pth runs/b/joint/best.pth
     # how far each checkpoint's scattering coefficients move under shifts, rotations, zooms and smooth
     # warps of growing strength, beside the distance between unrelated images
+    python analyze.py --results-dir runs/literature --literature --held-out
+    # the small-data table beside the published numbers; the best learnt linear arm chosen on the
+    # training-pool images no run trained on
 
 Written to <results-dir>/plots/: runs.csv (one row per run, with its selection
-rule, commit, and the last-epoch and best-test-epoch accuracies beside the
-selected one), summary.csv (per configuration: n, mean and std over seeds),
+rule, commit, wall time, and the last-epoch and best-test-epoch accuracies
+beside the selected one), summary.csv (per configuration: n, mean and std over seeds),
 significance.csv (paired differences), plot_data_efficiency.png,
 plot_advantage.png, plot_size_vs_gain.png, plot_delta_vs_gain.png; with
 --curves, curves/curves_exp<N>.png (N: the row of runs.csv); with --filters,
 filters_block0__<checkpoint path>.png; with --stability, stability.csv (per
 checkpoint), stability_summary.csv (per model and training-set size, over its
-checkpoints) and plot_stability.png. Runs recorded before --select existed
+checkpoints) and plot_stability.png; with --literature, literature.csv,
+literature_layout.csv (the paper's layout), literature_pairs.csv and, with
+--held-out, literature_best.csv. Runs recorded before --select existed
 chose their epochs on the test split: they are read as --select test, and
 runs of different rules are never averaged or paired. Headless (Agg) unless
 --interactive.
