@@ -706,8 +706,10 @@ def report_literature(table, plots_dir):
     print(layout.to_string())
     tables = {"literature.csv": lit, "literature_layout.csv": layout.reset_index()}
     best = best_learnt_linear(lit) if "held_out" in lit else None
-    if best is None:
+    if "held_out" not in lit:
         print("the best learnt linear arm is chosen on held-out data: add --held-out")
+    elif best is None:
+        print("no learnt linear run has its final checkpoint here: no held-out choice")
     else:
         print(f"\nthe best learnt linear arm per size, chosen on held-out accuracy (the training-pool images no arm "
               f"trained on), against the target: the published learnt + linear mean + {LEAD_MARGIN:g} points:")

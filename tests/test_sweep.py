@@ -340,3 +340,10 @@ def test_a_tiny_literature_sweep_and_its_table_beside_the_published_numbers(tmp_
     assert (best.train_size, best.chosen, best.n) == (100, "linear | Morlet | learnt Morlet parameters", 2)
     assert best.held_out == pytest.approx(learnt.held_out.mean()) and best.target == pytest.approx(37.84 + 2)
     assert best.test_mean == pytest.approx(learnt.joint_acc.mean()) and best.met == (best.test_mean >= best.target)
+    for seed in (0, 1):  # the learnt arm's checkpoints gone (a copy of the results without them): no choice made
+        os.remove(out / f"linear-wavelet-morlet__train-size=100__seed={seed}" / "joint" / "best.pth")
+    capsys.readouterr()
+    analyze.main(analyze.get_args_parser().parse_args(["--results-dir", str(out), "--literature", "--held-out"]))
+    captured = capsys.readouterr()
+    assert "no learnt linear run has its final checkpoint here: no held-out choice" in captured.out
+    assert captured.err.count("best.pth is missing: no held-out accuracy for ") == 2
