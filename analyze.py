@@ -21,8 +21,8 @@ plot_advantage.png, plot_size_vs_gain.png, plot_delta_vs_gain.png; with
 filters_block0__<checkpoint path>.png; with --stability, stability.csv (per
 checkpoint), stability_summary.csv (per model and training-set size, over its
 checkpoints) and plot_stability.png; with --literature, literature.csv,
-literature_layout.csv (the paper's layout), literature_pairs.csv and, with
---held-out, literature_best.csv. Runs recorded before --select existed
+literature_layout.csv (the paper's layout), literature_pairs.csv,
+plot_literature.png and, with --held-out, literature_best.csv. Runs recorded before --select existed
 chose their epochs on the test split: they are read as --select test, and
 runs of different rules are never averaged or paired. Headless (Agg) unless
 --interactive.
@@ -677,6 +677,35 @@ def paper_layout(lit):
     return layout
 
 
+def plot_literature(plt, lit, path):
+    """Accuracy vs training images, a panel per head (linear; WRN-16-8 and the CNN alone): ours mean +- std over
+    seeds (solid, filled) and each published row it compares with (dashed, open), in the same colour."""
+    heads = {"linear": [p for p in lit.protocol.unique() if p.startswith("linear | ")]}
+    heads["WRN head or CNN alone"] = [p for p in lit.protocol.unique() if p not in heads["linear"]]
+    panels = {title: rows for title, rows in heads.items() if rows}
+    lines = max(2 * len(rows) for rows in panels.values())  # legend lines under a panel: ours and published
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2 + 0.13 * lines), squeeze=False)
+    for ax, (title, protocols) in zip(axes[0], panels.items()):
+        drawn = set()
+        for protocol in protocols:
+            ours = lit[lit.protocol == protocol].sort_values("train_size")
+            line = ax.errorbar(ours.train_size, ours["mean"], yerr=ours["std"].fillna(0), fmt="o-", capsize=3,
+                               label=f"ours: {protocol}")[0]
+            key = published_key(protocol)
+            if key and key not in drawn:  # a published row once, in the colour of our first row beside it
+                drawn.add(key)
+                sizes = sorted(PUBLISHED[key])
+                means, stds = zip(*(PUBLISHED[key][n] for n in sizes))
+                ax.errorbar(sizes, means, yerr=stds, fmt="o--", mfc="none", capsize=3, color=line.get_color(),
+                            label=f"published: {' | '.join(key)}")
+        ax.set(xscale="log", xlabel="training images (log scale)", ylabel="test accuracy (%)", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # under the panel, off the data
+    fig.suptitle("The small-data CIFAR-10 table: ours (mean ± std over seeds) beside Gauthier et al., CVPR 2022",
+                 fontsize=9)
+    save(plt, fig, path)
+
+
 def literature_pairs(table):
     """PROTOCOL_COMPARISONS paired by seed at each training-set size (same dataset and selection rule)."""
     runs, rows = protocol_runs(table), []
@@ -689,9 +718,10 @@ def literature_pairs(table):
     return pd.DataFrame(rows) if rows else None
 
 
-def report_literature(table, plots_dir):
+def report_literature(plt, table, plots_dir):
     """Print the small-data table, the held-out choice of the best learnt linear arm (--held-out) and the
-    protocol's paired questions; returns the CSVs written (literature.csv, _layout.csv, _best.csv, _pairs.csv)."""
+    protocol's paired questions; returns the files written (literature.csv, _layout.csv, _best.csv, _pairs.csv,
+    plot_literature.png)."""
     lit = literature_table(table)
     print("\nthe small-data table (ours: mean +- std over seeds of the final phase's test accuracy; held_out: on the "
           "training-pool images its training set left out; minutes: a run's wall time, mean over seeds; published: "
@@ -722,7 +752,8 @@ def report_literature(table, plots_dir):
         tables["literature_pairs.csv"] = pairs
     for name, frame in tables.items():
         atomic_write(os.path.join(plots_dir, name), lambda f, frame=frame: f.write(frame.to_csv(index=False).encode()))
-    return [os.path.join(plots_dir, name) for name in tables]
+    plot_literature(plt, lit, os.path.join(plots_dir, "plot_literature.png"))
+    return [os.path.join(plots_dir, name) for name in [*tables, "plot_literature.png"]]
 
 
 # ----------------------------------------------------------------------------- deformation stability
@@ -1008,7 +1039,7 @@ def analyze_results(plt, args):
             saved.append(os.path.join(plots_dir, "curves", f"curves_exp{number}.png"))
             plot_curves(plt, by_path[path], number, saved[-1])
     if args.literature:
-        saved += report_literature(table, plots_dir)
+        saved += report_literature(plt, table, plots_dir)
     print(f"Pearson r (filter_delta_relative vs finetune_gain): {'undefined' if r is None else f'{r:.3f}'}")
     print("saved " + "\n      ".join(saved))
 

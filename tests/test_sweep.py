@@ -312,6 +312,7 @@ def test_a_tiny_literature_sweep_and_its_table_beside_the_published_numbers(tmp_
         assert row.p_value == pytest.approx(stats.ttest_1samp(ours, published).pvalue)
         minutes = runs[runs.protocol == row.protocol].wall_minutes
         assert (minutes > 0).all() and row.minutes == pytest.approx(minutes.mean())  # what a cell cost
+    assert (out / "plots" / "plot_literature.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     layout = pd.read_csv(out / "plots" / "literature_layout.csv").set_index("protocol")["100 images"]
     assert list(layout.index) == list(table.protocol[::-1])  # the paper's order: its learnt row first
     for row in table.itertuples():
