@@ -374,8 +374,9 @@ def step_rows(args, device, models=None):
             row = {"model": name, "batch": batch, "amp": amp, "channels_last": channels_last,
                    "img_per_s": batch / seconds, "ms_per_step": 1000 * seconds, "calls": calls}
             banks = [b.morlet for b in model.blocks if b.learn == "morlet" and b.morlet.theta.requires_grad]
-            if banks:  # each forward makes each block's filters three times (phi, psi_real, psi_imag)
-                made, _ = time_calls(lambda: [b.kernels() for b in banks for _ in range(3)], device, args.min_seconds)
+            if banks:  # each training step makes each block's filters once, and takes their backward
+                made, _ = time_calls(lambda: sum(k.sum() for b in banks for k in b.kernels().values()).backward(),
+                                     device, args.min_seconds)
                 row["morlet_share"] = made / seconds
             rows.append(row)
             share = f", Morlet filters {100 * row['morlet_share']:.1f} % of it" if "morlet_share" in row else ""

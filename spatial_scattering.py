@@ -438,7 +438,11 @@ class GeneratedConv:
     @property
     def weight(self):
         """(C*P, 1, K, K): output c*P + p holds kernel p on input channel c."""
-        kernels = self.bank.kernels()[self.part]  # (P, K, K)
+        return self.weight_from(self.bank.kernels())
+
+    def weight_from(self, kernels):
+        """``weight`` from ``kernels``, a MorletBank.kernels() already made (one generation for all parts)."""
+        kernels = kernels[self.part]  # (P, K, K)
         P, K = kernels.shape[0], kernels.shape[-1]
         return kernels.expand(self.in_channels, P, K, K).reshape(self.out_channels, 1, K, K)  # (C, P, K, K) -> (C*P, 1, K, K)
 
@@ -589,37 +593,40 @@ class ScatteringBlock(nn.Module):
         """True when one strided convolution computes the whole block: every input gets wavelets, modulus at half."""
         return self.lowpass_only or (self.wavelet_inputs == self.in_channels and self.modulus_resolution != "full")
 
-    def fused_weight(self, groups=None):
+    def fused_weight(self, groups=None, kernels=None):
         """The composed stride-2 kernels of [phi, psi_real, psi_imag], ordered by group (single_convolution only).
 
         Returns (g * (C + 2CL) / g, C/g, K+1, K+1): for grouped convolutions
         the output channels of each group must be contiguous, so the three
         filter sets are interleaved group by group. ``groups=C`` (per channel)
         keeps only each output's own input channel: equal to the block's
-        convolution only while the weights are block-diagonal.
+        convolution only while the weights are block-diagonal. ``kernels``
+        (learn='morlet'): the bank's filters, made once for the whole forward.
         """
         pairs = [(self.phi_conv, self.phi_pool)]
         if not self.lowpass_only:
             pairs += [(self.psi_real, self.psi_pool), (self.psi_imag, self.psi_pool)]
-        return self._grouped_weight(pairs, groups or self.groups)
+        return self._grouped_weight(pairs, groups or self.groups, kernels=kernels)
 
-    def _grouped_weight(self, pairs, groups, downsample=True):
+    def _grouped_weight(self, pairs, groups, downsample=True, kernels=None):
         """[(conv, pool)] over the same inputs as one weight with ``groups`` groups, outputs interleaved by group.
 
         downsample: compose each conv with its 2 x 2 stride-2 pool (for a
-        stride-2 convolution); otherwise the K x K kernels alone.
+        stride-2 convolution); otherwise the K x K kernels alone. kernels:
+        the MorletBank's filters already made (learn='morlet'), else None.
         """
-        parts = [self._planes(conv, groups) for conv, _ in pairs]
+        parts = [conv.weight if kernels is None else conv.weight_from(kernels) for conv, _ in pairs]
+        parts = [self._planes(conv, weight, groups) for (conv, _), weight in zip(pairs, parts)]
         if downsample:
             parts = [compose_downsampling(w, pool.weight) for w, (_, pool) in zip(parts, pairs)]
         per_group = [w.reshape(groups, -1, *w.shape[1:]) for w in parts]  # (O, I/g, k, k) -> (g, O/g, I/g, k, k)
         return torch.cat(per_group, dim=1).flatten(0, 1)  # (g, sum O/g, I/g, k, k) -> (g*sum O/g, I/g, k, k)
 
-    def _planes(self, conv, groups):
-        """conv's weight (O, I/conv.groups, K, K) as the weight of a convolution with ``groups`` groups."""
+    def _planes(self, conv, weight, groups):
+        """conv's ``weight`` (O, I/conv.groups, K, K) as the weight of a convolution with ``groups`` groups."""
         if groups == conv.groups:
-            return conv.weight
-        return conv.weight[self._own_input(conv)].unsqueeze(1)  # (O, I/g, K, K) -> (O, 1, K, K)
+            return weight
+        return weight[self._own_input(conv)].unsqueeze(1)  # (O, I/g, K, K) -> (O, 1, K, K)
 
     @staticmethod
     def _own_input(conv):
@@ -664,8 +671,9 @@ class ScatteringBlock(nn.Module):
         x, padding = pad_input(x, self.kernel_size, self.padding_mode)
         per_channel = self.is_frozen_block_diagonal()
         g = self.in_channels if per_channel else self.groups
+        kernels = self.morlet.kernels() if self.learn == "morlet" else None  # once, not once per part
         if self.single_convolution:
-            y = strided_conv(x, self.fused_weight(g), padding, g)
+            y = strided_conv(x, self.fused_weight(g, kernels), padding, g)
             if self.lowpass_only:
                 return y
             C, CL = self.in_channels, self.in_channels * self.L
@@ -674,17 +682,17 @@ class ScatteringBlock(nn.Module):
             S0, re, im = split_groups(y, g, [C // g, CL // g, CL // g])
             B, _, H, W = y.shape
             return torch.cat([S0.reshape(B, C, H, W), self.phase_modulus(re, im)], dim=1)  # S0: (B, g, C/g, H, W)
-        S0 = strided_conv(x, self._grouped_weight([(self.phi_conv, self.phi_pool)], g), padding, g)
-        return self._by_order(S0, self._band_pass(x, padding, per_channel))
+        S0 = strided_conv(x, self._grouped_weight([(self.phi_conv, self.phi_pool)], g, kernels=kernels), padding, g)
+        return self._by_order(S0, self._band_pass(x, padding, per_channel, kernels))
 
-    def _band_pass(self, x, padding, per_channel):
+    def _band_pass(self, x, padding, per_channel, kernels=None):
         """S1 of the input channels of order < max_order: (B, P*L, M/2, N/2), P = wavelet_inputs."""
         P = self.wavelet_inputs
         g = P if per_channel else self.psi_groups
         pairs = [(self.psi_real, self.psi_pool), (self.psi_imag, self.psi_pool)]
         x = x[:, :P]  # (B, C, M, N) -> (B, P, M, N): the channels of order < max_order
         full = self.modulus_resolution == "full"  # stride-1 responses, pooled after the modulus
-        weight = self._grouped_weight(pairs, g, downsample=not full)
+        weight = self._grouped_weight(pairs, g, downsample=not full, kernels=kernels)
         y = F.conv2d(x, weight, padding=padding, groups=g) if full else strided_conv(x, weight, padding, g)
         S1 = self.phase_modulus(*split_groups(y, g, [P * self.L // g] * 2))
         return self.psi_pool(S1) if full else S1

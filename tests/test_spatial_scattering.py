@@ -469,6 +469,16 @@ def test_morlet_filters_are_made_once_while_nothing_changes():
         assert block.morlet.kernels() is cached and not cached["psi_real"].requires_grad
 
 
+@pytest.mark.parametrize("options", [{}, {"modulus_resolution": "full"}, {"max_order": 1, "in_orders": (1, 2)}])
+def test_a_training_forward_makes_the_morlet_filters_once(monkeypatch, options):
+    block = ScatteringBlock(3, L=4, learn="morlet", **options)  # trains: no cache, a new graph every forward
+    made = []
+    generate = MorletBank._generate
+    monkeypatch.setattr(MorletBank, "_generate", lambda bank: made.append(1) or generate(bank))
+    block(torch.randn(2, 3, 12, 12)).sum().backward()
+    assert len(made) == 1 and block.morlet.theta.grad.abs().sum() > 0  # one bank for phi, psi_real and psi_imag
+
+
 PAGE_FAULT_PROBE = """
 import resource, torch
 torch.set_num_threads(1)  # one malloc arena: the count does not depend on how many threads the pool starts
