@@ -113,7 +113,7 @@ def test_print_commands_for_a_scheduler(tmp_path):
 def test_extending_a_grid_reruns_nothing_whatever_the_earlier_command_looked_like(tmp_path):
     tiny = TINY[:TINY.index("--seed")]
     flags = ["--arm", "wavelet-two-phase,random-joint", *tiny, "--train-size", "200", "--epochs", "1",
-             "--head-epochs", "1"]
+             "--head-epochs", "1", "--jobs", "2", "--threads", "1"]
     first = run_sweep(tmp_path, *flags, "--seed", "0")
     assert first.returncode == 0, first.stderr
     # a folder reached under another name (as before cells were named by --seed) is still found by its settings
