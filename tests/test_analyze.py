@@ -401,6 +401,23 @@ def test_stability_of_real_checkpoints_writes_its_table_and_plot(real_run, tmp_p
     assert code == 2 and err == "error: --stability-images must be >= 2 (the baseline pairs unrelated images), got 1\n"
 
 
+def test_the_literature_plot_has_a_panel_per_head_and_the_paper_layout_its_order(tmp_path):
+    rows = [("linear | Morlet | fixed", 100, 36.0), ("WRN-16-8 | Morlet | learnt Morlet parameters", 100, 44.0),
+            ("WRN-16-8 | Morlet | learnt Morlet parameters", 500, 63.5), ("WRN-16-2 alone | - | -", 100, 35.0)]
+    lit = pd.DataFrame([{"protocol": p, "train_size": n, "n": 3, "mean": m, "std": 1.0} for p, n, m in rows])
+    published = [analyze.PUBLISHED.get(analyze.published_key(p), {}).get(n, (np.nan, np.nan)) for p, n, _ in rows]
+    lit["published_mean"], lit["published_std"] = zip(*published)
+    layout = analyze.paper_layout(lit)
+    assert list(layout.index) == ["linear | Morlet | fixed", "WRN-16-8 | Morlet | learnt Morlet parameters",
+                                  "WRN-16-2 alone | - | -"] and list(layout.columns) == ["100 images", "500 images"]
+    assert layout.loc["WRN-16-8 | Morlet | learnt Morlet parameters", "500 images"] == "63.50 ± 1.00 (3) | 63.13 ± 0.29"
+    assert layout.loc["WRN-16-2 alone | - | -", "100 images"] == "35.00 ± 1.00 (3)"  # no published row of its own
+    assert layout.loc["linear | Morlet | fixed", "500 images"] == "-"
+    plt = analyze.pyplot(False)
+    analyze.plot_literature(plt, lit, str(tmp_path / "lit.png"))
+    assert is_png(tmp_path / "lit.png")
+
+
 def test_the_stability_summary_averages_each_model_over_its_checkpoints():
     rows = [{"checkpoint": f"{model}{seed}", "model": model, "train_size": 100, "seed": seed, "kind": "rotation",
              "strength": 5, "mean": change, "of_unrelated": change / 2}
