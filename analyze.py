@@ -552,12 +552,18 @@ LITERATURE_LIMITS = ("one-sample t-test of our seeds against the published mean,
 
 
 # The protocol's paired questions, beyond the paper: (row minus row), by seed at each size (train.protocol_row).
-LEARNT_MORLET, LEARNT_TAPS = "learnt Morlet parameters", "learnt taps, per channel"
+LEARNT_MORLET, LEARNT_TAPS, LEARNT_DENSE = "learnt Morlet parameters", "learnt taps, per channel", "learnt taps, dense"
 PROTOCOL_COMPARISONS = [
     (f"linear | Morlet | {LEARNT_MORLET}", f"linear | Morlet | {LEARNT_TAPS}"),
     (f"linear | Morlet | {LEARNT_MORLET}", "linear | Morlet | fixed"),
     (f"linear | Morlet | {LEARNT_TAPS}", "linear | Morlet | fixed"),
     (f"linear | Morlet | {LEARNT_MORLET}", f"linear | random | {LEARNT_MORLET}"),
+    # added after the 500-image runs (docs/LITERATURE.md): wavelet init against random init for the taps, learning
+    # against not from random init, and the dense mixing against per-channel taps
+    (f"linear | Morlet | {LEARNT_TAPS}", f"linear | random | {LEARNT_TAPS}"),
+    (f"linear | random | {LEARNT_TAPS}", "linear | random | fixed"),
+    (f"linear | random | {LEARNT_MORLET}", "linear | random | fixed"),
+    (f"linear | Morlet | {LEARNT_DENSE}", f"linear | Morlet | {LEARNT_TAPS}"),
     (f"WRN-16-8 | Morlet | {LEARNT_MORLET}", "WRN-16-8 | Morlet | fixed"),
     (f"WRN-16-8 | Morlet | {LEARNT_MORLET}", "WRN-16-2 alone | - | -"),
 ]

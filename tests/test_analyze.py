@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 import torch
 
 import analyze
@@ -416,6 +417,22 @@ def test_the_literature_plot_has_a_panel_per_head_and_the_paper_layout_its_order
     plt = analyze.pyplot(False)
     analyze.plot_literature(plt, lit, str(tmp_path / "lit.png"))
     assert is_png(tmp_path / "lit.png")
+
+
+def test_the_literature_pairs_answer_each_protocol_question_by_seed_and_size():
+    accs = {"linear | Morlet | learnt taps, per channel": (54.5, 53.5, 54.0), "linear | Morlet | fixed": (52.0, 50.0, 51.5),
+            "linear | random | learnt taps, per channel": (47.5, 45.0, 47.5), "linear | random | fixed": (51.0, 46.5, 52.0)}
+    table = pd.DataFrame([{"protocol": p, "train_size": n, "seed": seed, "dataset": "folder", "select": "last",
+                           "joint_acc": acc + (n == 100), "finetune_acc": np.nan}
+                          for p, seeds in accs.items() for seed, acc in enumerate(seeds) for n in (100, 500)])
+    table = pd.concat([table, table.assign(select="test", joint_acc=99.0)])  # chosen on test: never paired
+    pairs = analyze.literature_pairs(table).set_index(["comparison", "train_size"])
+    init = pairs.loc[("linear | Morlet | learnt taps, per channel  -  linear | random | learnt taps, per channel", 500)]
+    assert init.n == 3 and init.mean_diff == pytest.approx(22 / 3) and init.std_diff == pytest.approx((13 / 12) ** 0.5)
+    learning = pairs.loc[("linear | random | learnt taps, per channel  -  linear | random | fixed", 100)]
+    assert learning.mean_diff == pytest.approx(-3.1666667) and learning.p_value == pytest.approx(
+        stats.ttest_rel([47.5, 45.0, 47.5], [51.0, 46.5, 52.0]).pvalue)
+    assert len(pairs) == 6  # three of the questions at two sizes; those without both rows are left out
 
 
 def test_the_stability_summary_averages_each_model_over_its_checkpoints():
