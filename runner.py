@@ -635,7 +635,8 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
         scheduler.load_state_dict(resume["scheduler"])
         stopper.load_state_dict(resume["early_stopping"])
         set_rng_state(resume["rng"])
-        best_state = read_checkpoint(os.path.join(ckpt_dir, "best.pth"), args)["state_dict"]
+        if stopper.best_epoch:  # 0 (none yet) when --eval-every left every epoch so far unevaluated
+            best_state = read_checkpoint(os.path.join(ckpt_dir, "best.pth"), args)["state_dict"]
         start_epoch = resume["epoch"] + 1
     elif is_main_process():
         os.makedirs(ckpt_dir, exist_ok=True)

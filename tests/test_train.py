@@ -191,6 +191,19 @@ def test_resume_of_a_joint_run_started_without_a_seed_ends_where_it_would_have(t
     assert after["results"]["joint_acc"] == whole["results"]["joint_acc"]
 
 
+def test_resume_before_the_first_evaluated_epoch_ends_where_it_would_have(tmp_path):
+    args = [*SMALL, "--joint", "--eval-every", "3", "--select", "last", "--head-epochs", "2"]
+    killed = tmp_path / "killed"
+    kill_when([*args, "--save-dir", str(killed)], killed / "joint" / "last.pth")
+    assert not (killed / "joint" / "best.pth").exists()  # killed before epoch 3, the first evaluated one
+    resumed = run_train(*args, "--save-dir", str(killed), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    train_in_process(*args, "--save-dir", str(tmp_path / "whole"))
+    after, whole = results_json(str(killed)), results_json(str(tmp_path / "whole"))
+    assert without_timing(after["curves"]) == without_timing(whole["curves"])
+    assert after["results"]["joint_acc"] == whole["results"]["joint_acc"]
+
+
 def test_phase_b_from_another_runs_phase_a_ends_where_the_whole_run_did(finished_run, tmp_path):
     source, _ = finished_run
     before = fingerprint(source)
