@@ -1,5 +1,5 @@
 # make demo: set up, then the research question in miniature, offline (Fashion-MNIST, 12 short runs).
-# make test: set up, then the whole test suite: 11 min 15 s on a clean clone on 2 cores beside an analysis job.
+# make test: set up, then the whole test suite: 10 min 20 s on a clean clone on 2 idle cores.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
