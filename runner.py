@@ -638,6 +638,7 @@ def run_phase(phase, model, optimizer, env, args, state, ckpt_dir, epochs, warmu
         if stopper.best_epoch:  # 0 (none yet) when --eval-every left every epoch so far unevaluated
             best_state = read_checkpoint(os.path.join(ckpt_dir, "best.pth"), args)["state_dict"]
         start_epoch = resume["epoch"] + 1
+        main_print(f"{phase}: resuming after epoch {resume['epoch']} of {epochs} ({ckpt_dir}/last.pth)")
     elif is_main_process():
         os.makedirs(ckpt_dir, exist_ok=True)
     for epoch in range(start_epoch, epochs + 1):

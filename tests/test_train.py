@@ -185,6 +185,10 @@ def test_resume_of_a_joint_run_started_without_a_seed_ends_where_it_would_have(t
     after = results_json(str(tmp_path / "killed"))
     seed = after["results"]["seed"]
     assert f"seed {seed}" in resumed.stdout and after["config"]["seed"] == seed
+    epochs = len(after["curves"]["joint"])
+    killed_after = epochs - resumed.stdout.count("joint epoch ")  # the resumed session prints the epochs it ran
+    assert 1 <= killed_after < epochs
+    assert f"joint: resuming after epoch {killed_after} of {epochs} (" in resumed.stdout
     train_in_process(*args, "--seed", str(seed), "--save-dir", str(tmp_path / "whole"))
     whole = results_json(str(tmp_path / "whole"))
     assert without_timing(after["curves"]) == without_timing(whole["curves"])
