@@ -22,7 +22,8 @@ filters_block0__<checkpoint path>.png; with --stability, stability.csv (per
 checkpoint), stability_summary.csv (per model and training-set size, over its
 checkpoints) and plot_stability.png; with --literature, literature.csv,
 literature_layout.csv (the paper's layout), literature_pairs.csv,
-plot_literature.png and, with --held-out, literature_best.csv. Runs recorded before --select existed
+literature_wrn_target.csv (with WRN runs), plot_literature.png and, with
+--held-out, literature_best.csv. Runs recorded before --select existed
 chose their epochs on the test split: they are read as --select test, and
 runs of different rules are never averaged or paired. Headless (Agg) unless
 --interactive.
@@ -553,6 +554,10 @@ LITERATURE_LIMITS = ("one-sample t-test of our seeds against the published mean,
 
 # The protocol's paired questions, beyond the paper: (row minus row), by seed at each size (train.protocol_row).
 LEARNT_MORLET, LEARNT_TAPS, LEARNT_DENSE = "learnt Morlet parameters", "learnt taps, per channel", "learnt taps, dense"
+# The WRN rows' target (docs/LITERATURE.md): the learnt WRN arm named before any run above every published
+# WRN-16-8 row at its size (learnt and fixed scattering, the CNN alone) and above our same-budget CNN alone.
+WRN_NAMED, CNN_CONTROL = f"WRN-16-8 | Morlet | {LEARNT_MORLET}", "WRN-16-2 alone | - | -"
+WRN_BARS = (("WRN-16-8", "Morlet", "learnt"), ("WRN-16-8", "Morlet", "fixed"), ("WRN-16-8 alone", "-", "-"))
 PROTOCOL_COMPARISONS = [
     (f"linear | Morlet | {LEARNT_MORLET}", f"linear | Morlet | {LEARNT_TAPS}"),
     (f"linear | Morlet | {LEARNT_MORLET}", "linear | Morlet | fixed"),
@@ -564,8 +569,8 @@ PROTOCOL_COMPARISONS = [
     (f"linear | random | {LEARNT_TAPS}", "linear | random | fixed"),
     (f"linear | random | {LEARNT_MORLET}", "linear | random | fixed"),
     (f"linear | Morlet | {LEARNT_DENSE}", f"linear | Morlet | {LEARNT_TAPS}"),
-    (f"WRN-16-8 | Morlet | {LEARNT_MORLET}", "WRN-16-8 | Morlet | fixed"),
-    (f"WRN-16-8 | Morlet | {LEARNT_MORLET}", "WRN-16-2 alone | - | -"),
+    (WRN_NAMED, "WRN-16-8 | Morlet | fixed"),
+    (WRN_NAMED, CNN_CONTROL),
 ]
 
 
@@ -639,6 +644,25 @@ def best_learnt_linear(lit):
     return pd.DataFrame(rows) if rows else None
 
 
+def wrn_target(lit):
+    """Per size with runs of WRN_NAMED: its test accuracy over seeds against the highest published WRN_BARS row
+    and our CNN_CONTROL's mean; met when above both (None while the control has no run at that size)."""
+    control, rows = lit[lit.protocol == CNN_CONTROL].set_index("train_size"), []
+    for r in lit[lit.protocol == WRN_NAMED].itertuples():
+        bar = max((k for k in WRN_BARS if r.train_size in PUBLISHED[k]), key=lambda k: PUBLISHED[k][r.train_size][0],
+                  default=None)
+        if bar is None:
+            continue
+        has_control = r.train_size in control.index
+        control_mean = control.loc[r.train_size, "mean"] if has_control else np.nan
+        rows.append({"train_size": r.train_size, "n": r.n, "ours_mean": r.mean, "ours_std": r.std,
+                     "published_bar": PUBLISHED[bar][r.train_size][0], "bar_row": " | ".join(bar),
+                     "control_mean": control_mean, "control_n": control.loc[r.train_size, "n"] if has_control else 0,
+                     "met": bool(r.mean > PUBLISHED[bar][r.train_size][0] and r.mean > control_mean)
+                     if has_control else None})
+    return pd.DataFrame(rows) if rows else None
+
+
 def protocol_runs(table):
     """The runs the literature's table may use (selected on held-out data or at the last epoch, never on
     test), with ``acc``: each one's final-phase test accuracy (joint_acc, else finetune_acc)."""
@@ -670,17 +694,31 @@ def literature_table(table):
 
 def paper_layout(lit):
     """The table as the paper lays it out: a row per protocol row (the paper's order, ours beside each of its
-    rows), a column per training-set size, each cell 'ours mean +- std (n) | published mean +- std'."""
+    rows), a column per training-set size, each cell 'ours mean +- std (n) | published mean +- std'. A published
+    row of a head we ran (linear, or the WRN head and the CNN alone) with no run of ours is there too, with '-'
+    for ours (the WRN-16-8 alone: the reference the WRN target is judged against)."""
     order = {key: i for i, key in enumerate(PUBLISHED)}
     rank = lit.protocol.map(lambda p: order.get(published_key(p), len(order)))
     cells = lit.assign(rank=rank, cell=[
         f"{r.mean:.2f}{f' ± {r.std:.2f}' if r.n > 1 else ''} ({r.n})" + (
             f" | {r.published_mean:.2f} ± {r.published_std:.2f}" if pd.notna(r.published_mean) else "")
         for r in lit.itertuples()])
+    for key in published_only(lit):
+        cells = pd.concat([cells, pd.DataFrame([
+            {"rank": order[key], "protocol": f"{' | '.join(key)} (not run here)", "train_size": size,
+             "cell": f"- | {mean:.2f} ± {std:.2f}"} for size, (mean, std) in PUBLISHED[key].items()
+            if size in set(lit.train_size)])])
     layout = cells.pivot_table(index=["rank", "protocol"], columns="train_size", values="cell", aggfunc="first")
     layout = layout.droplevel("rank").fillna("-")
     layout.columns = [f"{size} images" for size in layout.columns]
     return layout
+
+
+def published_only(lit):
+    """The PUBLISHED rows no protocol row of ``lit`` compares with, of the heads ``lit`` has runs of."""
+    linear = {p.startswith("linear | ") for p in lit.protocol}
+    matched = {published_key(p) for p in lit.protocol}
+    return [key for key in PUBLISHED if key not in matched and (key[0] == "linear") in linear]
 
 
 def plot_literature(plt, lit, path):
@@ -689,7 +727,7 @@ def plot_literature(plt, lit, path):
     heads = {"linear": [p for p in lit.protocol.unique() if p.startswith("linear | ")]}
     heads["WRN head or CNN alone"] = [p for p in lit.protocol.unique() if p not in heads["linear"]]
     panels = {title: rows for title, rows in heads.items() if rows}
-    lines = max(2 * len(rows) for rows in panels.values())  # legend lines under a panel: ours and published
+    lines = max(2 * len(rows) + 1 for rows in panels.values())  # legend lines: ours, published, a reference
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.2 + 0.13 * lines), squeeze=False)
     for ax, (title, protocols) in zip(axes[0], panels.items()):
         drawn = set()
@@ -704,9 +742,14 @@ def plot_literature(plt, lit, path):
                 means, stds = zip(*(PUBLISHED[key][n] for n in sizes))
                 ax.errorbar(sizes, means, yerr=stds, fmt="o--", mfc="none", capsize=3, color=line.get_color(),
                             label=f"published: {' | '.join(key)}")
+        for key in published_only(lit[lit.protocol.isin(protocols)]):  # a reference with no run here: grey
+            sizes = sorted(PUBLISHED[key])
+            means, stds = zip(*(PUBLISHED[key][n] for n in sizes))
+            ax.errorbar(sizes, means, yerr=stds, fmt="s:", mfc="none", capsize=3, color="0.5",
+                        label=f"published (not run here): {' | '.join(key)}")
         ax.set(xscale="log", xlabel="training images (log scale)", ylabel="test accuracy (%)", title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.14))  # under the panel, off the data
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.2))  # under the panel, off the data
     fig.suptitle("The small-data CIFAR-10 table: ours (mean ± std over seeds) beside Gauthier et al., CVPR 2022",
                  fontsize=9)
     save(plt, fig, path)
@@ -725,9 +768,9 @@ def literature_pairs(table):
 
 
 def report_literature(plt, table, plots_dir):
-    """Print the small-data table, the held-out choice of the best learnt linear arm (--held-out) and the
-    protocol's paired questions; returns the files written (literature.csv, _layout.csv, _best.csv, _pairs.csv,
-    plot_literature.png)."""
+    """Print the small-data table, the held-out choice of the best learnt linear arm (--held-out), the WRN
+    target and the protocol's paired questions; returns the files written (literature.csv, _layout.csv,
+    _best.csv, _wrn_target.csv, _pairs.csv, plot_literature.png)."""
     lit = literature_table(table)
     print("\nthe small-data table (ours: mean +- std over seeds of the final phase's test accuracy; held_out: on the "
           "training-pool images its training set left out; minutes: a run's wall time, mean over seeds; published: "
@@ -751,6 +794,12 @@ def report_literature(plt, table, plots_dir):
               f"trained on), against the target: the published learnt + linear mean + {LEAD_MARGIN:g} points:")
         print(best.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
         tables["literature_best.csv"] = best
+    wrn = wrn_target(lit)
+    if wrn is not None:
+        print(f"\nthe WRN target per size: {WRN_NAMED} (named before the runs) above every published WRN-16-8 row "
+              f"(bar_row: the highest) and above our same-budget {CNN_CONTROL} (control_mean):")
+        print(wrn.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
+        tables["literature_wrn_target.csv"] = wrn
     pairs = literature_pairs(table)
     if pairs is not None:
         print("\npaired by seed (accuracy points; p: paired t-test; CI: 95 %; both rows on the same test images):")

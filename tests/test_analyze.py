@@ -409,14 +409,34 @@ def test_the_literature_plot_has_a_panel_per_head_and_the_paper_layout_its_order
     published = [analyze.PUBLISHED.get(analyze.published_key(p), {}).get(n, (np.nan, np.nan)) for p, n, _ in rows]
     lit["published_mean"], lit["published_std"] = zip(*published)
     layout = analyze.paper_layout(lit)
-    assert list(layout.index) == ["linear | Morlet | fixed", "WRN-16-8 | Morlet | learnt Morlet parameters",
-                                  "WRN-16-2 alone | - | -"] and list(layout.columns) == ["100 images", "500 images"]
+    assert list(layout.index) == [  # the paper's order; its rows we did not run, '-' for ours; then the control
+        "linear | Morlet | learnt (not run here)", "linear | Morlet | fixed", "linear | random | learnt (not run here)",
+        "linear | random | fixed (not run here)", "WRN-16-8 | Morlet | learnt Morlet parameters",
+        "WRN-16-8 | Morlet | fixed (not run here)", "WRN-16-8 | random | learnt (not run here)",
+        "WRN-16-8 | random | fixed (not run here)", "WRN-16-8 alone | - | - (not run here)", "WRN-16-2 alone | - | -"]
+    assert list(layout.columns) == ["100 images", "500 images"]
     assert layout.loc["WRN-16-8 | Morlet | learnt Morlet parameters", "500 images"] == "63.50 ± 1.00 (3) | 63.13 ± 0.29"
     assert layout.loc["WRN-16-2 alone | - | -", "100 images"] == "35.00 ± 1.00 (3)"  # no published row of its own
+    assert layout.loc["WRN-16-8 alone | - | - (not run here)", "500 images"] == "- | 62.97 ± 0.41"
     assert layout.loc["linear | Morlet | fixed", "500 images"] == "-"
+    linear_only = analyze.paper_layout(lit[lit.protocol.str.startswith("linear")])
+    assert not linear_only.index.str.contains("WRN").any()  # no WRN run: no WRN reference rows
     plt = analyze.pyplot(False)
     analyze.plot_literature(plt, lit, str(tmp_path / "lit.png"))
     assert is_png(tmp_path / "lit.png")
+
+
+def test_the_wrn_target_is_the_highest_published_wrn_row_and_our_cnn_alone():
+    rows = [(analyze.WRN_NAMED, 100, 44.0), (analyze.WRN_NAMED, 500, 63.0), (analyze.WRN_NAMED, 1000, 72.0),
+            (analyze.CNN_CONTROL, 100, 45.0), (analyze.CNN_CONTROL, 1000, 70.0), ("WRN-16-8 | Morlet | fixed", 100, 50.0)]
+    lit = pd.DataFrame([{"protocol": p, "train_size": n, "n": 3, "mean": m, "std": 1.0} for p, n, m in rows])
+    target = analyze.wrn_target(lit).set_index("train_size")
+    assert list(target.bar_row) == ["WRN-16-8 | Morlet | learnt", "WRN-16-8 | Morlet | learnt", "WRN-16-8 alone | - | -"]
+    assert list(target.published_bar) == [43.60, 63.13, 71.37]
+    assert target.met[100] is False  # above every published row (43.60) but not our CNN alone (45.0)
+    assert target.met[500] is None and target.control_n[500] == 0  # no CNN-alone run at 500 images: undecided
+    assert target.met[1000] is True  # 72.0: above the published WRN-16-8 alone (71.37) and our 70.0
+    assert analyze.wrn_target(lit[lit.protocol != analyze.WRN_NAMED]) is None
 
 
 def test_the_literature_pairs_answer_each_protocol_question_by_seed_and_size():
