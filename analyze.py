@@ -11,8 +11,10 @@
     python analyze.py --results-dir runs/literature --literature --held-out
     # the small-data table beside the published numbers; the best learnt linear arm chosen on the
     # training-pool images no run trained on
+    python analyze.py --results-dir runs/linear runs/wrn --literature --plots-dir runs/both/plots
+    # several folders read as one (each run once): here the WRN head against the linear head, by seed
 
-Written to <results-dir>/plots/: runs.csv (one row per run, with its selection
+Written to <the first --results-dir>/plots/ (or --plots-dir): runs.csv (one row per run, with its selection
 rule, commit, wall time, and the last-epoch and best-test-epoch accuracies
 beside the selected one), summary.csv (per configuration: n, mean and std over seeds),
 significance.csv (paired differences), plot_data_efficiency.png,
@@ -80,7 +82,11 @@ CONFIDENCE = 0.95
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--results-dir", default="runs", help="searched recursively for results_*.json")
+    parser.add_argument("--results-dir", nargs="+", default=["runs"],
+                        help="one or more folders, searched recursively for results_*.json (a run found in several "
+                             "counts once)")
+    parser.add_argument("--plots-dir", default=None,
+                        help="where the tables and figures go; default: <the first --results-dir>/plots")
     parser.add_argument("--curves", action="store_true", help="also plot each experiment's training curves")
     parser.add_argument("--interactive", action="store_true", help="show the plots in a window too")
     parser.add_argument("--filters", metavar="CHECKPOINT", default=None,
@@ -108,13 +114,14 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- reading
 
-def results_files(results_dir):
-    """Every results_*.json under results_dir, each once: a file reached through a link counts where it lies."""
-    found = glob.glob(os.path.join(results_dir, "**", "results_*.json"), recursive=True)
+def results_files(results_dirs):
+    """Every results_*.json under the folders, each once: a file reached through a link counts where it lies."""
+    found = [path for folder in results_dirs
+             for path in glob.glob(os.path.join(folder, "**", "results_*.json"), recursive=True)]
     return sorted({os.path.realpath(path) for path in found})
 
 
-def load_experiments(results_dir):
+def load_experiments(results_dirs):
     """[(path, parsed JSON)] of every usable results_*.json, sorted by path, each run once; warns about the others.
 
     A run recorded before --select gets select 'test' and today's curve keys
@@ -123,7 +130,7 @@ def load_experiments(results_dir):
     newest, with a warning naming both.
     """
     experiments = []
-    for path in results_files(results_dir):
+    for path in results_files(results_dirs):
         try:
             with open(path) as f:
                 exp = json.load(f)
@@ -571,6 +578,11 @@ PROTOCOL_COMPARISONS = [
     (f"linear | Morlet | {LEARNT_DENSE}", f"linear | Morlet | {LEARNT_TAPS}"),
     (WRN_NAMED, "WRN-16-8 | Morlet | fixed"),
     (WRN_NAMED, CNN_CONTROL),
+    # added after the WRN runs at 100 and 500 images (not named before them): the WRN head against the linear head,
+    # same images and seeds; both folders in one analyze.py call (--results-dir <linear folder> <WRN folder>)
+    ("WRN-16-8 | Morlet | fixed", "linear | Morlet | fixed"),
+    (WRN_NAMED, f"linear | Morlet | {LEARNT_MORLET}"),
+    (WRN_NAMED, f"linear | Morlet | {LEARNT_DENSE}"),
 ]
 
 
@@ -1011,9 +1023,9 @@ def pyplot(interactive):
     return plt
 
 
-def writable_plots_dir(results_dir):
-    """<results-dir>/plots, created; one line and exit 2 when it cannot be written."""
-    plots_dir = os.path.join(results_dir, "plots")
+def writable_plots_dir(args):
+    """--plots-dir (default <the first --results-dir>/plots), created; one line and exit 2 when it cannot be written."""
+    plots_dir = args.plots_dir or os.path.join(args.results_dir[0], "plots")
     if os.path.exists(plots_dir) and not os.path.isdir(plots_dir):
         die(f"{plots_dir} is a file: the plots go into a folder of that name (move the file away)")
     try:
@@ -1026,18 +1038,18 @@ def writable_plots_dir(results_dir):
 
 
 def main(args):
-    if not os.path.isdir(args.results_dir):
-        die(f"--results-dir {args.results_dir} is not a folder")
+    for folder in args.results_dir:
+        if not os.path.isdir(folder):
+            die(f"--results-dir {folder} is not a folder")
     if args.held_out and not args.literature:
         die("--held-out is for --literature (it chooses the best learnt linear arm of that table)")
     let_writes_fail()
     plt = pyplot(args.interactive)
     try:
         if args.filters:
-            plots_dir = writable_plots_dir(args.results_dir)
-            report_filters(plt, args.filters, plots_dir, args.results_dir, args.trust_checkpoint)
+            report_filters(plt, args.filters, writable_plots_dir(args), args.results_dir[0], args.trust_checkpoint)
         elif args.stability:
-            report_stability(plt, args.stability, writable_plots_dir(args.results_dir), args.stability_images,
+            report_stability(plt, args.stability, writable_plots_dir(args), args.stability_images,
                              args.data_dir, args.trust_checkpoint)
         else:
             analyze_results(plt, args)
@@ -1059,9 +1071,10 @@ def format_table(table):
 def analyze_results(plt, args):
     experiments = load_experiments(args.results_dir)
     if not experiments:
-        die(f"no usable results_*.json under {args.results_dir} (run train.py --save-dir {args.results_dir}/... first)")
+        folders = " or ".join(args.results_dir)
+        die(f"no usable results_*.json under {folders} (run train.py --save-dir {args.results_dir[0]}/... first)")
     table = summary_table(experiments)
-    plots_dir = writable_plots_dir(args.results_dir)
+    plots_dir = writable_plots_dir(args)
     if args.held_out:
         table["held_out"] = table.path.map(held_out_accuracies(experiments, table, args.data_dir, args.trust_checkpoint))
     groups, significance = group_table(table), paired_comparisons(table)

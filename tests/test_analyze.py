@@ -188,6 +188,20 @@ def test_hostile_results_folders(real_run, tmp_path, capsys):
     assert is_png(tmp_path / "plots" / "curves" / "curves_exp1.png")
 
 
+def test_several_folders_read_as_one_each_run_once_plots_where_asked(real_run, tmp_path, capsys):
+    _, real = real_run
+    write_variant(tmp_path / "a", "small", real, 500, 80.0, 82.0, 0.2)
+    write_variant(tmp_path / "b", "large", real, 600, 81.0, 84.0, 0.3)
+    os.symlink(tmp_path / "a" / "small", tmp_path / "b" / "small")  # reached from both folders: one run
+    code, out, err = run_analyze(capsys, "--results-dir", str(tmp_path / "a"), str(tmp_path / "b"),
+                                 "--plots-dir", str(tmp_path / "both"))
+    assert code == 0 and err == "", err
+    assert list(pd.read_csv(tmp_path / "both" / "runs.csv").train_size) == [500, 600]
+    assert not (tmp_path / "a" / "plots").exists() and not (tmp_path / "b" / "plots").exists()
+    code, _, err = run_analyze(capsys, "--results-dir", str(tmp_path / "a"), str(tmp_path / "missing"))
+    assert code == 2 and err == f"error: --results-dir {tmp_path / 'missing'} is not a folder\n"
+
+
 def test_a_file_named_plots(real_run, tmp_path, capsys):
     _, real = real_run
     write_variant(tmp_path, "one", real, 500, 80.0, 82.0, 0.2)
@@ -453,6 +467,20 @@ def test_the_literature_pairs_answer_each_protocol_question_by_seed_and_size():
     assert learning.mean_diff == pytest.approx(-3.1666667) and learning.p_value == pytest.approx(
         stats.ttest_rel([47.5, 45.0, 47.5], [51.0, 46.5, 52.0]).pvalue)
     assert len(pairs) == 6  # three of the questions at two sizes; those without both rows are left out
+
+
+def test_the_wrn_head_is_paired_with_the_linear_head_on_the_same_seeds():
+    accs = {"WRN-16-8 | Morlet | fixed": (53.0, 52.5, 52.7), "linear | Morlet | fixed": (51.0, 51.5, 50.9),
+            analyze.WRN_NAMED: (55.4, 57.1, 55.8), "linear | Morlet | learnt taps, dense": (57.0, 57.5, 57.3)}
+    table = pd.DataFrame([{"protocol": p, "train_size": 500, "seed": seed, "dataset": "folder", "select": "last",
+                           "joint_acc": acc, "finetune_acc": np.nan}
+                          for p, seeds in accs.items() for seed, acc in enumerate(seeds)])
+    pairs = analyze.literature_pairs(table).set_index("comparison")
+    fixed = pairs.loc["WRN-16-8 | Morlet | fixed  -  linear | Morlet | fixed"]
+    assert fixed.mean_diff == pytest.approx(1.6) and fixed.p_value == pytest.approx(
+        stats.ttest_rel([53.0, 52.5, 52.7], [51.0, 51.5, 50.9]).pvalue)
+    assert pairs.loc[f"{analyze.WRN_NAMED}  -  linear | Morlet | learnt taps, dense"].mean_diff == pytest.approx(-3.5 / 3)
+    assert len(pairs) == 3  # with learnt - fixed under the WRN head; learnt Morlet + linear not run: left out
 
 
 def test_the_stability_summary_averages_each_model_over_its_checkpoints():
