@@ -204,7 +204,7 @@ def summary_table(experiments):
         row.update(optimism_columns(exp["curves"].get(FINAL_PHASE[training_of(row["arm"])])))
         rows.append({**row, "seed": config.get("seed"), "commit": commit_of(exp), "wall_minutes": wall_minutes(exp),
                      "base": base_configuration(config),
-                     "protocol": " | ".join(train.protocol_row(config)), "path": path})
+                     "protocol": protocol_label(config, results["actual_train_samples"]), "path": path})
     table = pd.DataFrame(rows, columns=COLUMNS + ["seed", "commit", "wall_minutes", "base", "protocol", "path"]).sort_values(
         ["dataset", "train_size", "path"])
     table.index = pd.RangeIndex(1, len(table) + 1, name="exp")
@@ -559,7 +559,8 @@ LITERATURE_LIMITS = ("one-sample t-test of our seeds against the published mean,
                      "+-1.5 points of sampling error at 50 %, shared by every seed) is not theirs")
 
 
-# The protocol's paired questions, beyond the paper: (row minus row), by seed at each size (train.protocol_row).
+# The protocol's paired questions, beyond the paper: (row minus row), by seed at each size and budget
+# (protocol_label; each row at another budget is also paired with itself at the protocol's budget).
 LEARNT_MORLET, LEARNT_TAPS, LEARNT_DENSE = "learnt Morlet parameters", "learnt taps, per channel", "learnt taps, dense"
 # The WRN rows' target (docs/LITERATURE.md): the learnt WRN arm named before any run above every published
 # WRN-16-8 row at its size (learnt and fixed scattering, the CNN alone) and above our same-budget CNN alone.
@@ -586,9 +587,33 @@ PROTOCOL_COMPARISONS = [
 ]
 
 
+BUDGET_MARK = " ("  # what starts a protocol_label's budget
+
+
+def protocol_label(config, train_size):
+    """A run's row in the literature's table: train.protocol_row joined by ' | ', then ' (N epochs)' when its
+    epoch budget (--head-epochs + --epochs) is not the protocol's at its size (train.PROTOCOL_EPOCHS): a
+    longer or shorter run is a row of its own, paired with the protocol's by seed (budget_pairs)."""
+    label = " | ".join(train.protocol_row(config))
+    epochs = (config.get("head_epochs") or config["epochs"]) + config["epochs"]
+    protocol_epochs = train.PROTOCOL_EPOCHS.get(train_size)
+    return label if protocol_epochs in (None, epochs) else f"{label}{BUDGET_MARK}{epochs:,} epochs)"
+
+
+
+def without_budget(protocol):
+    """A protocol_label without its budget: the row at the protocol's budget it is paired with."""
+    return protocol.split(BUDGET_MARK)[0]
+
+
+def budget_of(protocol):
+    """A protocol_label's budget part (' (3,000 epochs)'), '' at the protocol's budget."""
+    return protocol[len(without_budget(protocol)):]
+
+
 def published_key(protocol):
-    """The PUBLISHED row a run's protocol row (train.protocol_row, joined by ' | ') compares with, or None."""
-    head, init, trains = protocol.split(" | ")
+    """The PUBLISHED row a run's protocol_label compares with (at any budget), or None."""
+    head, init, trains = without_budget(protocol).split(" | ")
     key = (head, init, "fixed" if trains == "fixed" else "learnt" if trains != "-" else "-")
     return key if key in PUBLISHED else None
 
@@ -644,7 +669,7 @@ def best_learnt_linear(lit):
     """Per size, the learnt linear row with the highest mean held-out accuracy (the choice the linear target
     is judged on), its test accuracy and the target: the published learnt + linear mean + LEAD_MARGIN."""
     learnt = lit[lit.protocol.str.startswith("linear | ") & ~lit.protocol.str.endswith("| fixed")
-                 & lit.held_out.notna()]
+                 & (lit.protocol.map(budget_of) == "") & lit.held_out.notna()]
     rows = []
     for size, group in learnt.groupby("train_size"):
         best = group.loc[group.held_out.idxmax()]
@@ -657,21 +682,24 @@ def best_learnt_linear(lit):
 
 
 def wrn_target(lit):
-    """Per size with runs of WRN_NAMED: its test accuracy over seeds against the highest published WRN_BARS row
-    and our CNN_CONTROL's mean; met when above both (None while the control has no run at that size)."""
-    control, rows = lit[lit.protocol == CNN_CONTROL].set_index("train_size"), []
-    for r in lit[lit.protocol == WRN_NAMED].itertuples():
+    """Per size and budget with runs of WRN_NAMED: its test accuracy over seeds against the highest published
+    WRN_BARS row and our CNN_CONTROL's mean at the same budget; met when above both (None while the control has
+    no run there). budget: 'protocol' (train.PROTOCOL_EPOCHS) or the run's epochs."""
+    rows = []
+    for r in lit[lit.protocol.map(without_budget) == WRN_NAMED].itertuples():
         bar = max((k for k in WRN_BARS if r.train_size in PUBLISHED[k]), key=lambda k: PUBLISHED[k][r.train_size][0],
                   default=None)
         if bar is None:
             continue
-        has_control = r.train_size in control.index
-        control_mean = control.loc[r.train_size, "mean"] if has_control else np.nan
-        rows.append({"train_size": r.train_size, "n": r.n, "ours_mean": r.mean, "ours_std": r.std,
-                     "published_bar": PUBLISHED[bar][r.train_size][0], "bar_row": " | ".join(bar),
-                     "control_mean": control_mean, "control_n": control.loc[r.train_size, "n"] if has_control else 0,
+        budget = budget_of(r.protocol)
+        control = lit[(lit.protocol == CNN_CONTROL + budget) & (lit.train_size == r.train_size)]
+        control_mean = control["mean"].iloc[0] if len(control) else np.nan
+        rows.append({"train_size": r.train_size, "budget": budget.strip(" ()") or "protocol", "n": r.n,
+                     "ours_mean": r.mean, "ours_std": r.std, "published_bar": PUBLISHED[bar][r.train_size][0],
+                     "bar_row": " | ".join(bar), "control_mean": control_mean,
+                     "control_n": control["n"].iloc[0] if len(control) else 0,
                      "met": bool(r.mean > PUBLISHED[bar][r.train_size][0] and r.mean > control_mean)
-                     if has_control else None})
+                     if len(control) else None})
     return pd.DataFrame(rows) if rows else None
 
 
@@ -768,9 +796,12 @@ def plot_literature(plt, lit, path):
 
 
 def literature_pairs(table):
-    """PROTOCOL_COMPARISONS paired by seed at each training-set size (same dataset and selection rule)."""
+    """PROTOCOL_COMPARISONS paired by seed at each training-set size and budget (same dataset and selection rule),
+    then each row at another budget minus the same row at the protocol's budget."""
     runs, rows = protocol_runs(table), []
-    for first, second in PROTOCOL_COMPARISONS:
+    budgets = sorted({budget_of(p) for p in runs.protocol}, key=lambda b: (b != "", b))
+    other_budgets = [(p, without_budget(p)) for p in sorted(runs.protocol.unique()) if budget_of(p)]
+    for first, second in [(f + b, s + b) for b in budgets for f, s in PROTOCOL_COMPARISONS] + other_budgets:
         ours, theirs = runs[runs.protocol == first], runs[runs.protocol == second]
         pairs = ours.merge(theirs, on=["dataset", "select", "train_size", "seed"], suffixes=("", "_other"))
         for size, group in pairs.groupby("train_size"):
@@ -808,7 +839,7 @@ def report_literature(plt, table, plots_dir):
         tables["literature_best.csv"] = best
     wrn = wrn_target(lit)
     if wrn is not None:
-        print(f"\nthe WRN target per size: {WRN_NAMED} (named before the runs) above every published WRN-16-8 row "
+        print(f"\nthe WRN target per size and budget: {WRN_NAMED} (named before the runs) above every published WRN-16-8 row "
               f"(bar_row: the highest) and above our same-budget {CNN_CONTROL} (control_mean):")
         print(wrn.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
         tables["literature_wrn_target.csv"] = wrn
@@ -935,10 +966,11 @@ def normalised(dataset, indices, info):
 
 
 def stability_model(config, phase):
-    """What a checkpoint's scattering is, as the literature table names its rows ('linear | Morlet | fixed');
-    a Phase A checkpoint holds the blocks as they started (its head alone trained): fixed."""
-    head, init, trains = train.protocol_row(config)
-    return f"{head} | {init} | {'fixed' if phase == 'phase_a' else trains}"
+    """What a checkpoint's scattering is, as the literature table names its rows (protocol_label: 'linear |
+    Morlet | fixed'); a Phase A checkpoint holds the blocks as they started (its head alone trained): fixed."""
+    head, init, _ = train.protocol_row(config)
+    label = protocol_label(config, config.get("train_size"))
+    return f"{head} | {init} | fixed{budget_of(label)}" if phase == "phase_a" else label
 
 
 def report_stability(plt, checkpoints, plots_dir, count, data_dir=None, trusted=False):

@@ -402,15 +402,17 @@ def test_stability_of_real_checkpoints_writes_its_table_and_plot(real_run, tmp_p
     assert code == 0, err
     table = pd.read_csv(tmp_path / "plots" / "stability.csv")
     assert len(table) == 2 * (4 * 5 + 1) and set(table.kind) == {*analyze.STABILITY_STRENGTHS, "unrelated"}
-    # Phase A trained the head alone: its blocks are the fixed wavelets; Phase B learnt every tap (dense)
-    assert list(table.model.unique()) == ["linear | Morlet | fixed", "linear | Morlet | learnt taps, dense"]
+    # Phase A trained the head alone: its blocks are the fixed wavelets; Phase B learnt every tap (dense); 2 + 2
+    # epochs at 500 images is not the protocol's budget (300): named with it
+    assert list(table.model.unique()) == ["linear | Morlet | fixed (4 epochs)",
+                                          "linear | Morlet | learnt taps, dense (4 epochs)"]
     assert (table.train_size == 500).all() and (table.seed == 0).all()
     unrelated = table[table.kind == "unrelated"]
     assert (unrelated.of_unrelated == 1).all() and (table.of_unrelated * unrelated["mean"].repeat(21).values
                                                    ).round(6).equals(table["mean"].round(6))
     summary = pd.read_csv(tmp_path / "plots" / "stability_summary.csv")
     assert len(summary) == len(table) and (summary.n == 1).all() and summary.change_std.isna().all()
-    assert is_png(tmp_path / "plots" / "plot_stability.png") and "linear | Morlet | learnt taps, dense" in out
+    assert is_png(tmp_path / "plots" / "plot_stability.png") and "linear | Morlet | learnt taps, dense (4 epochs)" in out
     code, _, err = run_analyze(capsys, "--results-dir", str(tmp_path), "--stability", checkpoints[0],
                                "--stability-images", "1")
     assert code == 2 and err == "error: --stability-images must be >= 2 (the baseline pairs unrelated images), got 1\n"
@@ -481,6 +483,41 @@ def test_the_wrn_head_is_paired_with_the_linear_head_on_the_same_seeds():
         stats.ttest_rel([53.0, 52.5, 52.7], [51.0, 51.5, 50.9]).pvalue)
     assert pairs.loc[f"{analyze.WRN_NAMED}  -  linear | Morlet | learnt taps, dense"].mean_diff == pytest.approx(-3.5 / 3)
     assert len(pairs) == 3  # with learnt - fixed under the WRN head; learnt Morlet + linear not run: left out
+
+
+def test_a_run_at_another_budget_is_its_own_row_paired_with_the_protocol_budget_by_seed():
+    named = {"init": "wavelet", "learn": "morlet", "lr_extractor": 1e-2, "head": "cnn", "head_depth": 16,
+             "head_width": 8, "n_blocks": 2}
+    control = {"n_blocks": 0, "head": "cnn", "head_depth": 16, "head_width": 2}
+    assert analyze.protocol_label({**named, "head_epochs": 400, "epochs": 400}, 100) == analyze.WRN_NAMED
+    longer = analyze.protocol_label({**named, "head_epochs": 1500, "epochs": 1500}, 100)
+    assert longer == f"{analyze.WRN_NAMED} (3,000 epochs)" and analyze.published_key(longer) == ("WRN-16-8", "Morlet",
+                                                                                                  "learnt")
+    assert analyze.protocol_label({**control, "head_epochs": None, "epochs": 5}, 100) == f"{analyze.CNN_CONTROL} (10 epochs)"
+    assert analyze.protocol_label({**control, "head_epochs": 3, "epochs": 5}, 64) == analyze.CNN_CONTROL  # no protocol size
+    fixed_longer = "linear | Morlet | fixed (3,000 epochs)"
+    assert analyze.published_key(fixed_longer) == ("linear", "Morlet", "fixed")
+    accs = {analyze.WRN_NAMED: (40.7, 37.9, 36.6), longer: (44.5, 43.9, 44.2),
+            analyze.CNN_CONTROL: (35.0, 34.5, 36.8), f"{analyze.CNN_CONTROL} (3,000 epochs)": (41.0, 40.2, 43.5)}
+    table = pd.DataFrame([{"protocol": p, "train_size": 100, "seed": seed, "dataset": "folder", "select": "last",
+                           "joint_acc": acc, "finetune_acc": np.nan}
+                          for p, seeds in accs.items() for seed, acc in enumerate(seeds)])
+    pairs = analyze.literature_pairs(table).set_index("comparison")
+    budget = pairs.loc[f"{longer}  -  {analyze.WRN_NAMED}"]  # the same arm and seed at 3,000 and at 800 epochs
+    assert budget.n == 3 and budget.mean_diff == pytest.approx(17.4 / 3) and budget.p_value == pytest.approx(
+        stats.ttest_rel([44.5, 43.9, 44.2], [40.7, 37.9, 36.6]).pvalue)
+    same_budget = pairs.loc[f"{longer}  -  {analyze.CNN_CONTROL} (3,000 epochs)"]  # the named question at each budget
+    assert same_budget.mean_diff == pytest.approx((3.5 + 3.7 + 0.7) / 3)
+    assert len(pairs) == 4  # learnt - control at each budget; each row at 3,000 epochs against itself at 800
+    lit = pd.DataFrame([{"protocol": p, "train_size": 100, "n": 3, "mean": np.mean(a), "std": np.std(a, ddof=1)}
+                        for p, a in accs.items()])
+    target = analyze.wrn_target(lit).set_index("budget")
+    assert target.control_mean["3,000 epochs"] == pytest.approx(np.mean(accs[f"{analyze.CNN_CONTROL} (3,000 epochs)"]))
+    # 44.2 at 3,000 epochs: above the published 43.60 and our CNN alone at 3,000 (41.57); 38.4 at 800 is not
+    assert target.met["3,000 epochs"] and not target.met["protocol"]
+    layout = analyze.paper_layout(lit.assign(published_mean=np.nan, published_std=np.nan))
+    rows = list(layout.index)
+    assert rows.index(longer) == rows.index(analyze.WRN_NAMED) + 1  # beside the same row at the protocol's budget
 
 
 def test_the_stability_summary_averages_each_model_over_its_checkpoints():
