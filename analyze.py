@@ -593,12 +593,11 @@ BUDGET_MARK = " ("  # what starts a protocol_label's budget
 def protocol_label(config, train_size):
     """A run's row in the literature's table: train.protocol_row joined by ' | ', then ' (N epochs)' when its
     epoch budget (--head-epochs + --epochs) is not the protocol's at its size (train.PROTOCOL_EPOCHS): a
-    longer or shorter run is a row of its own, paired with the protocol's by seed (budget_pairs)."""
+    longer or shorter run is a row of its own, paired with the protocol's by seed (literature_pairs)."""
     label = " | ".join(train.protocol_row(config))
     epochs = (config.get("head_epochs") or config["epochs"]) + config["epochs"]
     protocol_epochs = train.PROTOCOL_EPOCHS.get(train_size)
     return label if protocol_epochs in (None, epochs) else f"{label}{BUDGET_MARK}{epochs:,} epochs)"
-
 
 
 def without_budget(protocol):
@@ -839,8 +838,8 @@ def report_literature(plt, table, plots_dir):
         tables["literature_best.csv"] = best
     wrn = wrn_target(lit)
     if wrn is not None:
-        print(f"\nthe WRN target per size and budget: {WRN_NAMED} (named before the runs) above every published WRN-16-8 row "
-              f"(bar_row: the highest) and above our same-budget {CNN_CONTROL} (control_mean):")
+        print(f"\nthe WRN target per size and budget: {WRN_NAMED} (named before the runs) above every published "
+              f"WRN-16-8 row (bar_row: the highest) and above our same-budget {CNN_CONTROL} (control_mean):")
         print(wrn.to_string(index=False, float_format=lambda v: f"{v:.2f}", na_rep="-"))
         tables["literature_wrn_target.csv"] = wrn
     pairs = literature_pairs(table)
